@@ -1,0 +1,38 @@
+"""kvgen: LLM text generation in Rust, a drop-in for transformers' `model.generate()`."""
+
+from . import _kvgen
+from .errors import (
+    BackendUnavailableError,
+    ContextLengthError,
+    InvalidInputError,
+    KvgenError,
+    ModelFormatError,
+    ModelNotFoundError,
+    NumericalError,
+    TokenizerError,
+    TokenOutOfRangeError,
+    UnsupportedArchitectureError,
+)
+from .generation_config import GenerationConfig
+from .generator import Generator
+from .outputs import GenerateDecoderOnlyOutput
+from .tokenizer import Tokenizer
+
+__version__ = _kvgen.__version__
+
+__all__ = [
+    "BackendUnavailableError",
+    "ContextLengthError",
+    "GenerateDecoderOnlyOutput",
+    "GenerationConfig",
+    "Generator",
+    "InvalidInputError",
+    "KvgenError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "NumericalError",
+    "Tokenizer",
+    "TokenizerError",
+    "TokenOutOfRangeError",
+    "UnsupportedArchitectureError",
+]

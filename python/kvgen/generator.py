@@ -1,0 +1,284 @@
+"""`kvgen.Generator`: transformers' `model.generate()` surface over kvgen's Rust engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import _kvgen
+from ._inputs import PreparedInputs, prepare
+from .config import ModelConfig
+from .errors import InvalidInputError
+from .generation_config import GLOBAL_DEFAULTS, GenerationConfig
+from .outputs import GenerateDecoderOnlyOutput
+from .tokenizer import Tokenizer
+
+# generate() kwargs that are model inputs rather than generation settings.
+_MODEL_KWARGS = {"attention_mask", "input_ids", "use_cache", "tokenizer", "assistant_tokenizer"}
+
+# Settings whose processors are not built yet; refusing them beats silently ignoring them.
+_NOT_YET = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "renormalize_logits": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "penalty_alpha": None,
+    "constraints": None,
+    "force_words_ids": None,
+    "dola_layers": None,
+    "max_time": None,
+}
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if hasattr(value, "tolist"):
+        v = value.tolist()
+        return [int(x) for x in (v if isinstance(v, list) else [v])]
+    return [int(value)]
+
+
+class Generator:
+    """A loaded model with transformers' `generate()` API. Build it with `from_pretrained`."""
+
+    def __init__(self, engine: "_kvgen.Engine") -> None:
+        self._engine = engine
+        native_tok = engine.tokenizer
+        self.tokenizer: Tokenizer | None = Tokenizer(native_tok) if native_tok is not None else None
+        self.config = ModelConfig(json.loads(engine.config_json))
+        self.generation_config = self._model_generation_config()
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, device: str = "cpu", dtype: str = "auto", tp_degree: int = 1, **kwargs: Any
+    ) -> "Generator":
+        """Loads an HF model directory (or a hub id already in the local HF cache)."""
+        if kwargs:
+            raise InvalidInputError(f"unknown from_pretrained arguments: {sorted(kwargs)}")
+        if tp_degree != 1:
+            raise InvalidInputError(f"tp_degree={tp_degree} is not supported on device={device!r}; use tp_degree=1")
+        import os
+
+        return cls(_kvgen.Engine.load(os.fspath(model), device, str(dtype).replace("torch.", "")))
+
+    def _model_generation_config(self) -> GenerationConfig:
+        data = json.loads(self._engine.generation_config_json)
+        cfg = GenerationConfig.from_any(data)
+        # Like transformers' GenerationConfig.from_model_config: special tokens fall back to config.json.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(cfg, key, None) is None and getattr(self.config, key, None) is not None:
+                setattr(cfg, key, getattr(self.config, key))
+        return cfg
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def dtype(self) -> str:
+        return self._engine.dtype
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def _merge_config(self, generation_config: Any, kwargs: dict) -> tuple[GenerationConfig, dict, bool, bool]:
+        """transformers 5.x `_prepare_generation_config`: user config, then the model's, then global defaults, then kwargs."""
+        user_cfg = GenerationConfig.from_any(generation_config) if generation_config is not None else None
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (user_cfg is None or user_cfg.max_length is None)
+            and self.generation_config.max_length is None
+        )
+        has_default_min_length = (
+            kwargs.get("min_length") is None
+            and (user_cfg is None or user_cfg.min_length is None)
+            and self.generation_config.min_length is None
+        )
+        cfg = user_cfg if user_cfg is not None else GenerationConfig()
+        cfg.update(defaults_only=True, **{k: v for k, v in self.generation_config.to_dict().items() if v is not None})
+        cfg.update(defaults_only=True, **GLOBAL_DEFAULTS)
+        model_kwargs = {k: v for k, v in kwargs.items() if k in _MODEL_KWARGS}
+        unused = cfg.update(**{k: v for k, v in kwargs.items() if k not in _MODEL_KWARGS})
+        if unused:
+            raise InvalidInputError(
+                f"The following `model_kwargs` are not used by the model: {list(unused)} (note: typos in the "
+                "generate arguments will also show up in this list)"
+            )
+        return cfg, model_kwargs, has_default_max_length, has_default_min_length
+
+    def _validate(self, cfg: GenerationConfig) -> None:
+        if cfg.num_return_sequences is not None and cfg.num_return_sequences > 1 and not cfg.do_sample:
+            raise InvalidInputError(
+                "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` "
+                f"different than 1 (got {cfg.num_return_sequences})."
+            )
+        if cfg.do_sample:
+            raise InvalidInputError(
+                "do_sample=True is not available in this kvgen version; use greedy decoding (do_sample=False)"
+            )
+        if cfg.num_beams not in (None, 1):
+            raise InvalidInputError(f"num_beams={cfg.num_beams}: beam search is not supported; use num_beams=1")
+        for name, neutral in _NOT_YET.items():
+            value = getattr(cfg, name, None)
+            if value is not None and value != neutral:
+                raise InvalidInputError(
+                    f"{name}={value!r} is not supported by kvgen yet; leave it at its default ({neutral!r})"
+                )
+        for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
+            value = getattr(cfg, name, None)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+                raise InvalidInputError(f"{name}={value!r} must be a non-negative integer")
+
+    def _encode_texts(self, texts: list[str]) -> dict:
+        if self.tokenizer is None:
+            raise InvalidInputError("text input needs a tokenizer, and this model was loaded without tokenizer.json")
+        return self.tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
+
+    def generate(
+        self,
+        inputs: Any = None,
+        generation_config: Any = None,
+        *,
+        attention_mask: Any = None,
+        streamer: Any = None,
+        seed: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers-compatible generate(); see the README for the accepted kinds of input."""
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        elif "input_ids" in kwargs:
+            raise InvalidInputError("pass the prompt either as `inputs` or as `input_ids`, not both")
+        if inputs is None:
+            raise InvalidInputError("generate() needs `inputs` (token ids or text)")
+        if attention_mask is None:
+            attention_mask = kwargs.pop("attention_mask", None)
+        cfg, _, has_default_max_length, has_default_min_length = self._merge_config(generation_config, kwargs)
+        self._validate(cfg)
+
+        prepared = prepare(inputs, attention_mask, self._encode_texts)
+        ids = prepared.ids
+        batch, input_len = ids.shape
+
+        eos_ids = _as_id_list(cfg.eos_token_id)
+        pad_id = cfg.pad_token_id
+        if pad_id is None and eos_ids:
+            pad_id = eos_ids[0]
+        pad_id = None if pad_id is None else int(pad_id)
+
+        mask = prepared.attention_mask
+        if mask is None and pad_id is not None and (ids == pad_id).any() and pad_id not in eos_ids:
+            # transformers infers the mask from pad tokens when pad differs from eos.
+            mask = (ids != pad_id).astype(np.int64)
+        if pad_id is not None and batch > 1:
+            right_padded = (mask[:, -1] == 0).any() if mask is not None else (ids[:, -1] == pad_id).any()
+            if right_padded:
+                warnings.warn(
+                    "A decoder-only architecture is being used, but right-padding was detected! For correct "
+                    "generation results, please set `padding_side='left'` when initializing the tokenizer.",
+                    stacklevel=2,
+                )
+
+        max_length = self._max_length(cfg, input_len, has_default_max_length)
+        min_length = cfg.min_length or 0
+        if cfg.min_new_tokens is not None:
+            min_length = cfg.min_new_tokens + input_len
+        steps = max(1, max_length - input_len)
+
+        on_step = None
+        if streamer is not None:
+            streamer.put(self._stream_value(prepared, ids))
+            on_step = lambda tokens: streamer.put(self._stream_value(prepared, np.asarray(tokens, dtype=np.int64)))  # noqa: E731
+        new_tokens, scores, logits = self._engine.generate(
+            np.ascontiguousarray(ids),
+            None if mask is None else np.ascontiguousarray(mask, dtype=np.int64),
+            max_new_tokens=steps,
+            min_length=min_length,
+            min_new_tokens=cfg.min_new_tokens or 0,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad_id if eos_ids else None,
+            stop_strings=self._stop_strings(cfg),
+            output_scores=bool(cfg.output_scores and cfg.return_dict_in_generate),
+            output_logits=bool(cfg.output_logits and cfg.return_dict_in_generate),
+            on_step=on_step,
+        )
+        if streamer is not None:
+            streamer.end()
+        return self._format(prepared, ids, new_tokens, scores, logits, cfg)
+
+    def _max_length(self, cfg: GenerationConfig, input_len: int, has_default_max_length: bool) -> int:
+        if cfg.max_new_tokens is not None:
+            return cfg.max_new_tokens + input_len
+        if has_default_max_length:
+            limit = cfg.max_length + input_len
+            max_pos = getattr(self.config, "max_position_embeddings", None)
+            return min(limit, max_pos) if max_pos is not None else limit
+        if input_len >= cfg.max_length:
+            warnings.warn(
+                f"Input length of input_ids is {input_len}, but `max_length` is set to {cfg.max_length}. This can "
+                "lead to unexpected behavior. You should consider increasing `max_length` or, better yet, setting "
+                "`max_new_tokens`.",
+                stacklevel=3,
+            )
+        return cfg.max_length
+
+    @staticmethod
+    def _stop_strings(cfg: GenerationConfig) -> list[str]:
+        s = cfg.stop_strings
+        if s is None:
+            return []
+        return [s] if isinstance(s, str) else list(s)
+
+    @staticmethod
+    def _stream_value(prepared: PreparedInputs, array: np.ndarray) -> Any:
+        # HF streamers call .tolist() and read .shape: torch tensors when torch is in use, else numpy.
+        if prepared.kind == "torch" or "torch" in sys.modules:
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(array))
+        return array
+
+    def _format(self, prepared, ids, new_tokens, scores, logits, cfg) -> Any:
+        if prepared.kind in ("text", "texts"):
+            if self.tokenizer is None:
+                raise InvalidInputError("text output needs a tokenizer")
+            texts = self.tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
+            return texts[0] if prepared.kind == "text" else texts
+        sequences = np.concatenate([ids, new_tokens.astype(np.int64)], axis=1)
+        out = prepared.wrap(sequences)
+        if not cfg.return_dict_in_generate:
+            return out
+        return GenerateDecoderOnlyOutput(
+            sequences=out,
+            scores=tuple(prepared.wrap_floats(s) for s in scores) if cfg.output_scores else None,
+            logits=tuple(prepared.wrap_floats(s) for s in logits) if cfg.output_logits else None,
+        )
+
+    # ---- parity helpers ---------------------------------------------------------------------
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """float32 (batch, seq, vocab) logits of a full forward pass; masked positions are 0."""
+        prepared = prepare(input_ids, attention_mask, self._encode_texts)
+        mask = prepared.attention_mask
+        return self._engine.logits(
+            np.ascontiguousarray(prepared.ids), None if mask is None else np.ascontiguousarray(mask, dtype=np.int64)
+        )
+
+    def __repr__(self) -> str:
+        return f"Generator({self._engine.model_path!r}, arch={self.config.architectures}, dtype={self.dtype})"

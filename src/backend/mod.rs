@@ -1,0 +1,45 @@
+//! The backend boundary: a *step* runs new tokens of a batch of sequences through the model and
+//! returns last-position logits on the host as f32. Everything above (sampling, stopping,
+//! streaming, batching) is written once in `generation` and `sampling`.
+
+pub mod cpu;
+
+use crate::error::Result;
+
+/// A handle to one sequence's preallocated KV cache inside a backend.
+pub type SlotId = usize;
+
+/// One sequence's part of a step: append `tokens` at positions `start_pos..`.
+pub struct SeqInput<'a> {
+    pub slot: SlotId,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+}
+
+pub trait Backend: Send + Sync {
+    fn vocab_size(&self) -> usize;
+    /// Preallocates a KV cache for `capacity` positions.
+    fn allocate(&self, capacity: usize) -> Result<SlotId>;
+    fn release(&self, slot: SlotId);
+    /// Returns logits (f32, vocab wide) for the last new token of each sequence, or for every new
+    /// token when `all_positions`, in input order.
+    fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;
+}
+
+/// Releases its slot when dropped, so an error or interrupt never leaks a cache.
+pub struct SlotGuard<'a> {
+    backend: &'a dyn Backend,
+    pub slot: SlotId,
+}
+
+impl<'a> SlotGuard<'a> {
+    pub fn new(backend: &'a dyn Backend, capacity: usize) -> Result<Self> {
+        Ok(SlotGuard { backend, slot: backend.allocate(capacity)? })
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.backend.release(self.slot);
+    }
+}

@@ -1,0 +1,83 @@
+//! A loaded model: config, backend, tokenizer and generation defaults. Frontends (Python) wrap it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::{cpu::CpuBackend, Backend};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::LlamaModel;
+use crate::tensor::DType;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{safetensors::SafetensorsSource, TensorSource};
+
+pub struct Engine {
+    pub config: ModelConfig,
+    pub backend: Arc<dyn Backend>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// generation_config.json as written (empty object when absent).
+    pub generation_config: serde_json::Value,
+    pub model_path: PathBuf,
+    pub dtype: DType,
+}
+
+/// Parses the user's `dtype=` argument; None means "auto".
+pub fn parse_dtype(name: &str) -> Result<Option<DType>> {
+    match name {
+        "auto" => Ok(None),
+        "float32" | "fp32" | "f32" => Ok(Some(DType::F32)),
+        "bfloat16" | "bf16" => Ok(Some(DType::BF16)),
+        "float16" | "fp16" | "f16" | "half" => Ok(Some(DType::F16)),
+        other => Err(Error::invalid(format!(
+            "dtype={other:?} is not supported; use \"auto\", \"float32\", \"bfloat16\" or \"float16\""
+        ))),
+    }
+}
+
+impl Engine {
+    pub fn load(name: &str, device: &str, dtype: &str) -> Result<Engine> {
+        let dtype = parse_dtype(dtype)?;
+        if device != "cpu" {
+            return Err(Error::BackendUnavailable(format!(
+                "device={device:?} is not available in this build; kvgen's CPU backend serves device=\"cpu\""
+            )));
+        }
+        let path = crate::resolve::resolve_model(name)?;
+        if path.is_file() {
+            return Err(Error::invalid(format!(
+                "{} is a file; pass the model directory (config.json, *.safetensors, tokenizer.json)",
+                path.display()
+            )));
+        }
+        Self::load_dir(&path, dtype)
+    }
+
+    fn load_dir(dir: &Path, dtype: Option<DType>) -> Result<Engine> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::NotFound {
+                path: config_path.clone(),
+                message: format!("{} has no config.json; is it a transformers model directory?", dir.display()),
+            });
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let source = SafetensorsSource::open_dir(dir)?;
+        let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
+        let weights = crate::weights::llama::load(&source, &config, dtype)?;
+        let model = Arc::new(LlamaModel::new(config.clone(), weights));
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            Some(Arc::new(Tokenizer::from_dir(dir)?))
+        } else {
+            None
+        };
+        let gen_path = dir.join("generation_config.json");
+        let generation_config = if gen_path.is_file() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&gen_path, format!("invalid JSON: {e}")))?
+        } else {
+            serde_json::Value::Object(Default::default())
+        };
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype })
+    }
+}

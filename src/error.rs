@@ -1,0 +1,71 @@
+//! The one error type of kvgen. `src/python/errors.rs` maps each variant to a Python exception.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad user input (ids, shapes, generation parameters). Message names value, limit and fix.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// A token id outside the embedding matrix.
+    #[error("token id {id} at row {row}, position {position} is out of range: the model's vocabulary has {vocab_size} ids (0..={max}); check that the tokenizer matches the model", max = vocab_size.saturating_sub(1))]
+    TokenOutOfRange { id: i64, row: usize, position: usize, vocab_size: usize },
+
+    /// Prompt plus requested tokens do not fit the context.
+    #[error("{0}")]
+    ContextOverflow(String),
+
+    /// A file or directory that does not exist.
+    #[error("{message}")]
+    NotFound { path: PathBuf, message: String },
+
+    /// A model file that exists but cannot be understood.
+    #[error("{path}: {message}")]
+    BadModelFile { path: PathBuf, message: String },
+
+    /// The architecture in config.json is not one kvgen implements.
+    #[error("architecture {found:?} is not supported; kvgen supports: {supported}")]
+    UnsupportedArchitecture { found: String, supported: String },
+
+    /// NaN/Inf logits reached the sampler.
+    #[error("{0}")]
+    Numerical(String),
+
+    /// A backend that is not built in or cannot start.
+    #[error("{0}")]
+    BackendUnavailable(String),
+
+    /// Tokenizer failures (encode/decode/chat template).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The user interrupted (Ctrl-C); carried up so Python raises KeyboardInterrupt.
+    #[error("interrupted")]
+    Interrupted,
+
+    /// An error raised by a Python callback (streamer), carried through unchanged.
+    #[error("callback failed: {0}")]
+    Callback(String),
+
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A kvgen bug: an invariant that should hold did not.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+    pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::BadModelFile { path: path.into(), message: msg.into() }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,50 @@
+//! The one place kvgen's `Error` becomes a Python exception (classes in python/kvgen/errors.py).
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
+use pyo3::prelude::*;
+
+use crate::error::Error;
+
+fn class_name(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidInput(_) => "InvalidInputError",
+        Error::TokenOutOfRange { .. } => "TokenOutOfRangeError",
+        Error::ContextOverflow(_) => "ContextLengthError",
+        Error::NotFound { .. } => "ModelNotFoundError",
+        Error::BadModelFile { .. } => "ModelFormatError",
+        Error::UnsupportedArchitecture { .. } => "UnsupportedArchitectureError",
+        Error::Numerical(_) => "NumericalError",
+        Error::BackendUnavailable(_) => "BackendUnavailableError",
+        Error::Tokenizer(_) => "TokenizerError",
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "ModelNotFoundError",
+        Error::Io { .. } | Error::Callback(_) | Error::Internal(_) | Error::Interrupted => "InternalError",
+    }
+}
+
+pub fn to_py(err: Error) -> PyErr {
+    if matches!(err, Error::Interrupted) {
+        return PyKeyboardInterrupt::new_err("generation interrupted");
+    }
+    let message = err.to_string();
+    Python::attach(|py| {
+        let class = py.import("kvgen.errors").and_then(|m| m.getattr(class_name(&err)));
+        match class {
+            Ok(cls) => match cls.call1((message.clone(),)) {
+                Ok(instance) => PyErr::from_value(instance),
+                Err(e) => e,
+            },
+            Err(_) => PyRuntimeError::new_err(message),
+        }
+    })
+}
+
+/// `?`-friendly conversion for kvgen results inside pymethods.
+pub trait IntoPyResult<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for crate::error::Result<T> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(to_py)
+    }
+}

@@ -1,0 +1,15 @@
+//! Python bindings (pyo3): the only place that knows about Python.
+
+pub mod engine;
+pub mod errors;
+pub mod tokenizer;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    engine::register(m)?;
+    tokenizer::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Weight storage: owned or memory-mapped slices of f32 / bf16 / f16, and 2-D matrices over them.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+}
+
+/// Element types a buffer can hold; plain-old-data, little-endian on disk as on every host we build for.
+pub trait Element: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Element for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+impl Element for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// A read-only slice that is either owned or borrowed from a memory-mapped file (zero copy).
+pub enum Buf<T: Element> {
+    Owned(Vec<T>),
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl<T: Element> Buf<T> {
+    /// A view into `map` if the bytes are aligned for `T`, else an owned copy.
+    pub fn from_mmap(map: &Arc<Mmap>, offset: usize, n_bytes: usize) -> Self {
+        let size = std::mem::size_of::<T>();
+        let len = n_bytes / size;
+        let ptr = map[offset..].as_ptr();
+        if (ptr as usize) % std::mem::align_of::<T>() == 0 {
+            Buf::Mapped { map: Arc::clone(map), offset, len }
+        } else {
+            let bytes = &map[offset..offset + len * size];
+            let mut v: Vec<T> = Vec::with_capacity(len);
+            // SAFETY: T is plain old data; we copy exactly len * size bytes into the spare capacity.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, len * size);
+                v.set_len(len);
+            }
+            Buf::Owned(v)
+        }
+    }
+}
+
+impl<T: Element> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Buf::Owned(v) => v,
+            // SAFETY: alignment checked in from_mmap, bounds checked by the loader, map kept alive by Arc.
+            Buf::Mapped { map, offset, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
+            },
+        }
+    }
+}
+
+/// Tensor data in one of the weight dtypes.
+pub enum Data {
+    F32(Buf<f32>),
+    BF16(Buf<bf16>),
+    F16(Buf<f16>),
+}
+
+impl Data {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Data::F32(_) => DType::F32,
+            Data::BF16(_) => DType::BF16,
+            Data::F16(_) => DType::F16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(b) => b.len(),
+            Data::BF16(b) => b.len(),
+            Data::F16(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            Data::F32(b) => b.to_vec(),
+            Data::BF16(b) => b.iter().map(|x| x.to_f32()).collect(),
+            Data::F16(b) => b.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+    /// Converts to `dtype`; a no-op (no copy) when it already has it.
+    pub fn into_dtype(self, dtype: DType) -> Data {
+        if self.dtype() == dtype {
+            return self;
+        }
+        let v = self.to_f32_vec();
+        match dtype {
+            DType::F32 => Data::F32(Buf::Owned(v)),
+            DType::BF16 => Data::BF16(Buf::Owned(v.into_iter().map(bf16::from_f32).collect())),
+            DType::F16 => Data::F16(Buf::Owned(v.into_iter().map(f16::from_f32).collect())),
+        }
+    }
+}
+
+/// A named tensor as read from a checkpoint.
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+/// A row-major 2-D weight: `rows` output features, each `cols` long (PyTorch's Linear layout).
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Data,
+}
+
+impl Matrix {
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    /// Row `r` as f32 (used for embedding lookups).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let (a, b) = (r * self.cols, (r + 1) * self.cols);
+        match &self.data {
+            Data::F32(x) => out.copy_from_slice(&x[a..b]),
+            Data::BF16(x) => out.iter_mut().zip(&x[a..b]).for_each(|(o, v)| *o = v.to_f32()),
+            Data::F16(x) => out.iter_mut().zip(&x[a..b]).for_each(|(o, v)| *o = v.to_f32()),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! HF tensor names of the Llama family (Llama, Mistral, Qwen2, Qwen3) -> `LlamaWeights`.
+
+use super::TensorSource;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::{LayerWeights, LlamaWeights};
+use crate::tensor::{DType, Matrix};
+
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    dtype: DType,
+}
+
+impl Loader<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let t = self.src.get(name)?;
+        if t.shape != [rows, cols] {
+            return Err(Error::invalid(format!(
+                "tensor `{name}` has shape {:?}, but config.json implies [{rows}, {cols}]",
+                t.shape
+            )));
+        }
+        Ok(Matrix { rows, cols, data: t.data.into_dtype(self.dtype) })
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.src.get(name)?;
+        if t.shape != [len] {
+            return Err(Error::invalid(format!("tensor `{name}` has shape {:?}, expected [{len}]", t.shape)));
+        }
+        Ok(t.data.to_f32_vec())
+    }
+
+    fn optional_vector(&self, name: &str, len: usize, present: bool) -> Result<Option<Vec<f32>>> {
+        if present {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Loads every weight of a Llama-family checkpoint, converting matrices to `dtype` (no copy when equal).
+pub fn load(src: &dyn TensorSource, cfg: &ModelConfig, dtype: DType) -> Result<LlamaWeights> {
+    let l = Loader { src, dtype };
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let attn = format!("{p}.self_attn");
+        let mlp = format!("{p}.mlp");
+        layers.push(LayerWeights {
+            input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            q: l.matrix(&format!("{attn}.q_proj.weight"), q_dim, h)?,
+            k: l.matrix(&format!("{attn}.k_proj.weight"), kv_dim, h)?,
+            v: l.matrix(&format!("{attn}.v_proj.weight"), kv_dim, h)?,
+            o: l.matrix(&format!("{attn}.o_proj.weight"), h, q_dim)?,
+            q_bias: l.optional_vector(&format!("{attn}.q_proj.bias"), q_dim, cfg.qkv_bias)?,
+            k_bias: l.optional_vector(&format!("{attn}.k_proj.bias"), kv_dim, cfg.qkv_bias)?,
+            v_bias: l.optional_vector(&format!("{attn}.v_proj.bias"), kv_dim, cfg.qkv_bias)?,
+            o_bias: l.optional_vector(&format!("{attn}.o_proj.bias"), h, cfg.o_bias)?,
+            q_norm: l.optional_vector(&format!("{attn}.q_norm.weight"), hd, cfg.qk_norm)?,
+            k_norm: l.optional_vector(&format!("{attn}.k_norm.weight"), hd, cfg.qk_norm)?,
+            post_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            gate: l.matrix(&format!("{mlp}.gate_proj.weight"), inter, h)?,
+            up: l.matrix(&format!("{mlp}.up_proj.weight"), inter, h)?,
+            down: l.matrix(&format!("{mlp}.down_proj.weight"), h, inter)?,
+            gate_bias: l.optional_vector(&format!("{mlp}.gate_proj.bias"), inter, cfg.mlp_bias)?,
+            up_bias: l.optional_vector(&format!("{mlp}.up_proj.bias"), inter, cfg.mlp_bias)?,
+            down_bias: l.optional_vector(&format!("{mlp}.down_proj.bias"), h, cfg.mlp_bias)?,
+        });
+    }
+    let embed = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+    // Tied checkpoints usually omit lm_head; an untied one that lacks it is an error.
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else if src.contains("lm_head.weight") {
+        Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?)
+    } else {
+        return Err(Error::invalid("checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false"));
+    };
+    Ok(LlamaWeights { embed, layers, norm: l.vector("model.norm.weight", h)?, lm_head })
+}
