@@ -28,7 +28,8 @@ impl Loader<'_> {
         if t.shape != [len] {
             return Err(Error::invalid(format!("tensor `{name}` has shape {:?}, expected [{len}]", t.shape)));
         }
-        Ok(t.data.to_f32_vec())
+        // Rounded through the requested dtype, as transformers' `model.to(dtype)` rounds every parameter.
+        Ok(t.data.into_dtype(self.dtype).to_f32_vec())
     }
 
     fn optional_vector(&self, name: &str, len: usize, present: bool) -> Result<Option<Vec<f32>>> {

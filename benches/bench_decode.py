@@ -1,0 +1,123 @@
+"""Decode tok/s and time to first token: kvgen vs transformers, same random model, same run.
+
+The model is shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads / 3 kv heads,
+intermediate 1536, vocab 49152, tied embeddings). Usage:
+
+    python benches/bench_decode.py [--threads 2] [--repeats 3] [--new-tokens 64] [--out rows.md]
+
+Each figure is the median of `--repeats` runs. Prints markdown rows for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def build_model(path: Path, dtype: str) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = path / f"smollm2-shape-{dtype}"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
+        rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # never stop early: every run decodes all tokens
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    return out
+
+
+def time_transformers(model_dir: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = torch.randint(3, 49152, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=2)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        total = time.perf_counter() - t0
+    return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+
+
+def time_kvgen(model_dir: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int):
+    import numpy as np
+    import kvgen
+
+    gen = kvgen.Generator.from_pretrained(str(model_dir), dtype="auto" if dtype != "float32" else "float32")
+    ids = np.random.default_rng(1).integers(3, 49152, size=(batch, prompt_len), dtype=np.int64)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=2)
+    gen.generate(ids, max_new_tokens=2, **kw)  # warm-up
+    t0 = time.perf_counter()
+    gen.generate(ids, max_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen.generate(ids, max_new_tokens=new_tokens, **kw)
+    total = time.perf_counter() - t0
+    return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+
+
+def median_of(fn, repeats: int):
+    runs = [fn() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--cache", default=".bench")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(exist_ok=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    header = (
+        f"\n### {time.strftime('%Y-%m-%d')} — {cpu}, {args.threads} threads, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, median of {args.repeats}\n\n"
+        "| model | dtype | batch | engine | decode tok/s | TTFT ms | speed-up |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for dtype in args.dtypes.split(","):
+        model_dir = build_model(cache, dtype)
+        for batch in (int(b) for b in args.batches.split(",")):
+            hf = median_of(lambda: time_transformers(model_dir, dtype, batch, args.prompt_len, args.new_tokens), args.repeats)
+            kv = median_of(lambda: time_kvgen(model_dir, dtype, batch, args.prompt_len, args.new_tokens), args.repeats)
+            ratio = kv[1] / hf[1]
+            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | transformers {__import__('transformers').__version__} | {hf[1]:.1f} | {hf[0]*1e3:.0f} | 1.00x |")
+            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | kvgen | {kv[1]:.1f} | {kv[0]*1e3:.0f} | {ratio:.2f}x |")
+            print(rows[-2] + "\n" + rows[-1], flush=True)
+    text = header + "\n".join(rows) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

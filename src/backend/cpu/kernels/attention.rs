@@ -1,0 +1,421 @@
+//! Causal grouped-query attention over a KV cache, for several sequences at once.
+//!
+//! Work is split over (sequence, head) pairs; each pair's computation reads only its own
+//! sequence's data and uses fixed-order arithmetic, so a sequence's output does not depend on
+//! which other sequences share the call (batch invariant).
+
+use rayon::prelude::*;
+
+use super::dot::dot_scalar;
+use super::{use_avx2, SendPtr};
+
+/// One sequence's part of an [`attention`] call.
+pub struct AttnSeq<'a> {
+    /// n_tok x n_heads x head_dim: the new tokens' queries, rope already applied.
+    pub q: &'a [f32],
+    /// Key cache: n_kv_heads x cap x head_dim, positions 0..start_pos+n_tok already written.
+    pub k: &'a [f32],
+    /// Value cache, same layout as `k`.
+    pub v: &'a [f32],
+    /// Cache capacity (positions) per kv head.
+    pub cap: usize,
+    /// Position of the first new token.
+    pub start_pos: usize,
+    pub n_tok: usize,
+    /// n_tok x n_heads x head_dim.
+    pub out: &'a mut [f32],
+}
+
+/// One sequence's (q, k, v, cap, start_pos, n_tok, out).
+type Job<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    usize,
+    usize,
+    usize,
+    SendPtr,
+);
+
+/// Below this many score multiply-adds the call stays on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 15;
+
+/// Shared per-call shape.
+#[derive(Clone, Copy)]
+struct Shape {
+    n_heads: usize,
+    n_kv: usize,
+    group: usize,
+    hd: usize,
+    window: Option<usize>,
+    scale: f32,
+}
+
+/// Token t (position p = start_pos + t) of head h attends to positions j with j <= p and, when
+/// window = Some(w), j > p - w (transformers' sliding_window mask). Query head h uses kv head
+/// h / (n_heads / n_kv_heads). Scores q.k * scale, f32 softmax (max-subtracted), out = sum p_j v_j.
+/// A token with no visible position (window = Some(0)) gets zeros.
+pub fn attention(
+    seqs: &mut [AttnSeq],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    scale: f32,
+) {
+    attention_with(
+        use_avx2(),
+        seqs,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        window,
+        scale,
+    )
+}
+
+pub(super) fn attention_with(
+    avx: bool,
+    seqs: &mut [AttnSeq],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    scale: f32,
+) {
+    if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 {
+        return;
+    }
+    let sh = Shape {
+        n_heads,
+        n_kv: n_kv_heads,
+        group: (n_heads / n_kv_heads).max(1),
+        hd: head_dim,
+        window,
+        scale,
+    };
+    let mut macs = 0usize;
+    let mut jobs: Vec<Job> = Vec::with_capacity(seqs.len());
+    for s in seqs.iter_mut() {
+        let q_len = s.n_tok * n_heads * head_dim;
+        let kv_need = if s.n_tok == 0 {
+            0
+        } else {
+            ((n_kv_heads - 1) * s.cap + s.start_pos + s.n_tok) * head_dim
+        };
+        debug_assert!(s.q.len() >= q_len && s.out.len() >= q_len);
+        debug_assert!(
+            s.k.len() >= kv_need && s.v.len() >= kv_need && s.start_pos + s.n_tok <= s.cap
+        );
+        // The per-head loop writes through a raw pointer: refuse short buffers outright.
+        if s.n_tok == 0
+            || s.q.len() < q_len
+            || s.out.len() < q_len
+            || s.k.len() < kv_need
+            || s.v.len() < kv_need
+        {
+            continue;
+        }
+        macs += s.n_tok * (s.start_pos + s.n_tok) * head_dim * n_heads;
+        jobs.push((
+            s.q,
+            s.k,
+            s.v,
+            s.cap,
+            s.start_pos,
+            s.n_tok,
+            SendPtr::new(s.out),
+        ));
+    }
+    let run = |i: usize| {
+        let (q, k, v, cap, start, n_tok, out) = jobs[i / n_heads];
+        let h = i % n_heads;
+        // SAFETY: buffer sizes checked above; each (sequence, head) writes only its own head's slots.
+        unsafe { head(avx, sh, q, k, v, cap, start, n_tok, h, out.get()) }
+    };
+    let n_jobs = jobs.len() * n_heads;
+    if macs < PAR_MIN_MACS || rayon::current_num_threads() <= 1 {
+        (0..n_jobs).for_each(run);
+    } else {
+        (0..n_jobs).into_par_iter().with_max_len(1).for_each(run);
+    }
+}
+
+/// All new tokens of one (sequence, head).
+///
+/// SAFETY: q/out hold n_tok*n_heads*hd, k/v hold the kv head's positions 0..start+n_tok.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head(
+    avx: bool,
+    sh: Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cap: usize,
+    start: usize,
+    n_tok: usize,
+    h: usize,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        return avx2::head(sh, q, k, v, cap, start, n_tok, h, out);
+    }
+    let _ = avx;
+    let hd = sh.hd;
+    let kvh = (h / sh.group).min(sh.n_kv - 1);
+    let kb = &k[kvh * cap * hd..];
+    let vb = &v[kvh * cap * hd..];
+    let mut p = Vec::new();
+    for t in 0..n_tok {
+        let (lo, hi) = span(start + t, sh.window);
+        let qr = &q[(t * sh.n_heads + h) * hd..][..hd];
+        let o = std::slice::from_raw_parts_mut(out.add((t * sh.n_heads + h) * hd), hd);
+        p.clear();
+        p.extend((lo..hi).map(|j| dot_scalar(qr, &kb[j * hd..(j + 1) * hd]) * sh.scale));
+        softmax(&mut p);
+        o.fill(0.0);
+        for (j, &pj) in (lo..hi).zip(&p) {
+            for (oi, &vi) in o.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
+                *oi += pj * vi;
+            }
+        }
+    }
+}
+
+/// Visible positions [lo, hi) for a query at position `p`.
+#[inline]
+fn span(p: usize, window: Option<usize>) -> (usize, usize) {
+    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+    (lo, p + 1)
+}
+
+/// In-place f32 softmax, max-subtracted, probabilities as e_j / sum (as torch.softmax).
+#[inline]
+fn softmax(s: &mut [f32]) {
+    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    for x in s.iter_mut() {
+        *x /= sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::dot::{axpy, block};
+    use super::{softmax, span, Shape};
+
+    /// AVX2 form of `super::head`: scores 4 keys at a time with the shared dot arithmetic.
+    ///
+    /// SAFETY: as `super::head`; the CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn head(
+        sh: Shape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        cap: usize,
+        start: usize,
+        n_tok: usize,
+        h: usize,
+        out: *mut f32,
+    ) {
+        let hd = sh.hd;
+        let kvh = (h / sh.group).min(sh.n_kv - 1);
+        let kb = k.as_ptr().add(kvh * cap * hd);
+        let vb = v.as_ptr().add(kvh * cap * hd);
+        let mut p: Vec<f32> = Vec::new();
+        for t in 0..n_tok {
+            let (lo, hi) = span(start + t, sh.window);
+            let qr = q.as_ptr().add((t * sh.n_heads + h) * hd);
+            let o = out.add((t * sh.n_heads + h) * hd);
+            p.clear();
+            p.resize(hi - lo, 0.0);
+            let mut j = lo;
+            while j + 4 <= hi {
+                let s = block::<f32, 1, 4, false>(qr, hd, kb.add(j * hd), hd, hd, std::ptr::null());
+                for (d, &sv) in p[j - lo..j - lo + 4].iter_mut().zip(&s[0]) {
+                    *d = sv * sh.scale;
+                }
+                j += 4;
+            }
+            while j < hi {
+                p[j - lo] =
+                    block::<f32, 1, 1, false>(qr, hd, kb.add(j * hd), hd, hd, std::ptr::null())[0]
+                        [0]
+                        * sh.scale;
+                j += 1;
+            }
+            softmax(&mut p);
+            std::slice::from_raw_parts_mut(o, hd).fill(0.0);
+            for (j, &pj) in (lo..hi).zip(&p) {
+                axpy(o, pj, vb.add(j * hd), hd);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    struct Case {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        cap: usize,
+        start: usize,
+        n_tok: usize,
+    }
+
+    const NH: usize = 4;
+    const NKV: usize = 2;
+
+    fn case(hd: usize, cap: usize, start: usize, n_tok: usize, seed: u64) -> Case {
+        Case {
+            q: vals(n_tok * NH * hd, seed),
+            k: vals(NKV * cap * hd, seed + 1),
+            v: vals(NKV * cap * hd, seed + 2),
+            cap,
+            start,
+            n_tok,
+        }
+    }
+
+    fn naive(c: &Case, hd: usize, window: Option<usize>, scale: f64) -> Vec<f64> {
+        let mut out = vec![0f64; c.n_tok * NH * hd];
+        for t in 0..c.n_tok {
+            let p = c.start + t;
+            for h in 0..NH {
+                let kvh = h / (NH / NKV);
+                let q = &c.q[(t * NH + h) * hd..][..hd];
+                let js: Vec<usize> = (0..=p)
+                    .filter(|&j| window.map_or(true, |w| j as i64 > p as i64 - w as i64))
+                    .collect();
+                let sc: Vec<f64> = js
+                    .iter()
+                    .map(|&j| {
+                        let kr = &c.k[(kvh * c.cap + j) * hd..][..hd];
+                        q.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (&j, ej) in js.iter().zip(&e) {
+                    let vr = &c.v[(kvh * c.cap + j) * hd..][..hd];
+                    for d in 0..hd {
+                        out[(t * NH + h) * hd + d] += ej / z * vr[d] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn run(
+        avx: bool,
+        cases: &[&Case],
+        hd: usize,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = cases
+            .iter()
+            .map(|c| vec![f32::NAN; c.n_tok * NH * hd])
+            .collect();
+        let mut seqs: Vec<AttnSeq> = cases
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(c, o)| AttnSeq {
+                q: &c.q,
+                k: &c.k,
+                v: &c.v,
+                cap: c.cap,
+                start_pos: c.start,
+                n_tok: c.n_tok,
+                out: o,
+            })
+            .collect();
+        attention_with(avx, &mut seqs, NH, NKV, hd, window, scale);
+        drop(seqs);
+        outs
+    }
+
+    fn paths() -> Vec<bool> {
+        if use_avx2() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
+    #[test]
+    fn attention_matches_reference() {
+        for &avx in &paths() {
+            for &hd in &[8usize, 33, 64] {
+                for &(start, n_tok) in &[(0usize, 1usize), (0, 7), (5, 3), (17, 1), (40, 30)] {
+                    for window in [None, Some(1), Some(4), Some(16)] {
+                        let c = case(hd, start + n_tok + 3, start, n_tok, (hd + start) as u64);
+                        let scale = 1.0 / (hd as f32).sqrt();
+                        let got = &run(avx, &[&c], hd, window, scale)[0];
+                        let want = naive(&c, hd, window, scale as f64);
+                        for i in 0..got.len() {
+                            let err = (got[i] as f64 - want[i]).abs();
+                            assert!(
+                                err <= 1e-5 * want[i].abs().max(1e-2),
+                                "avx={avx} hd={hd} start={start} n_tok={n_tok} window={window:?} i={i}: {} vs {}",
+                                got[i],
+                                want[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_is_batch_invariant() {
+        for &avx in &paths() {
+            for window in [None, Some(5)] {
+                let hd = 64;
+                let a = case(hd, 200, 150, 1, 1);
+                let b = case(hd, 64, 0, 40, 2);
+                let c = case(hd, 300, 100, 30, 3);
+                let alone = run(avx, &[&a], hd, window, 0.125);
+                let together = run(avx, &[&b, &a, &c], hd, window, 0.125);
+                assert_eq!(
+                    alone[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    together[1].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+                let c_alone = run(avx, &[&c], hd, window, 0.125);
+                assert_eq!(
+                    c_alone[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    together[2].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
