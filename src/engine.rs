@@ -52,6 +52,20 @@ impl Engine {
         Self::load_dir(&path, dtype)
     }
 
+    /// Refuses prompt + new tokens beyond the trained context, except with dynamic NTK RoPE,
+    /// which exists to stretch it.
+    pub fn check_context(&self, longest_prompt: usize, new_tokens: usize) -> Result<()> {
+        let limit = self.config.max_position_embeddings;
+        let total = longest_prompt + new_tokens;
+        if total > limit && !matches!(self.config.rope_scaling, crate::config::RopeScaling::Dynamic { .. }) {
+            return Err(Error::ContextOverflow(format!(
+                "prompt length {longest_prompt} + max_new_tokens {new_tokens} = {total} exceeds the model's \
+                 max_position_embeddings ({limit}); shorten the prompt or lower max_new_tokens/max_length"
+            )));
+        }
+        Ok(())
+    }
+
     fn load_dir(dir: &Path, dtype: Option<DType>) -> Result<Engine> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {

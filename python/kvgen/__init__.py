@@ -16,6 +16,8 @@ from .errors import (
 from .generation_config import GenerationConfig
 from .generator import Generator
 from .outputs import GenerateDecoderOnlyOutput
+from .processing import process_logits
+from .seeding import set_seed
 from .tokenizer import Tokenizer
 
 __version__ = _kvgen.__version__
@@ -35,4 +37,6 @@ __all__ = [
     "TokenizerError",
     "TokenOutOfRangeError",
     "UnsupportedArchitectureError",
+    "process_logits",
+    "set_seed",
 ]

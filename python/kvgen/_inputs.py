@@ -41,6 +41,10 @@ class PreparedInputs:
         return array
 
 
+def _is_int(t: Any) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+
+
 def to_int_matrix(x: Any, name: str) -> tuple[np.ndarray, str, Any]:
     """(matrix, kind, torch device) for a tensor, ndarray or (nested) list of ints."""
     if is_torch_tensor(x):
@@ -51,9 +55,12 @@ def to_int_matrix(x: Any, name: str) -> tuple[np.ndarray, str, Any]:
     elif isinstance(x, (list, tuple)):
         if len(x) == 0:
             raise InvalidInputError(f"{name} is empty; pass at least one token id")
-        if all(isinstance(t, (int, np.integer)) for t in x):
+        if all(_is_int(t) for t in x):
             return np.asarray([x], dtype=np.int64), "list", None
         if all(isinstance(r, (list, tuple)) for r in x):
+            bad = next((t for r in x for t in r if not _is_int(t)), None)
+            if bad is not None:
+                raise InvalidInputError(f"{name} holds {bad!r}; token ids must be integers")
             lengths = {len(r) for r in x}
             if len(lengths) != 1:
                 raise InvalidInputError(
@@ -64,7 +71,10 @@ def to_int_matrix(x: Any, name: str) -> tuple[np.ndarray, str, Any]:
                 return np.asarray(x, dtype=np.int64), "list2d", None
             except (TypeError, ValueError, OverflowError) as e:
                 raise InvalidInputError(f"{name} must hold integers: {e}") from None
-        raise InvalidInputError(f"{name} must be a list of ints or a list of lists of ints")
+        bad = next((t for t in x if not _is_int(t) and not isinstance(t, (list, tuple))), None)
+        raise InvalidInputError(
+            f"{name} must be a list of ints or a list of lists of ints" + (f"; it holds {bad!r}" if bad is not None else "")
+        )
     else:
         raise InvalidInputError(
             f"{name} of type {type(x).__name__} is not supported; pass a torch.LongTensor, a numpy int array, "

@@ -15,34 +15,27 @@ from .config import ModelConfig
 from .errors import InvalidInputError
 from .generation_config import GLOBAL_DEFAULTS, GenerationConfig
 from .outputs import GenerateDecoderOnlyOutput
+from .processing import processor_config_json
+from .seeding import row_seeds
 from .tokenizer import Tokenizer
 
 # generate() kwargs that are model inputs rather than generation settings.
 _MODEL_KWARGS = {"attention_mask", "input_ids", "use_cache", "tokenizer", "assistant_tokenizer"}
 
-# Settings whose processors are not built yet; refusing them beats silently ignoring them.
-_NOT_YET = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_repetition_penalty": 1.0,
-    "bad_words_ids": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "remove_invalid_values": False,
-    "exponential_decay_length_penalty": None,
-    "sequence_bias": None,
-    "renormalize_logits": None,
-    "guidance_scale": None,
-    "watermarking_config": None,
-    "penalty_alpha": None,
-    "constraints": None,
-    "force_words_ids": None,
-    "dola_layers": None,
-    "max_time": None,
+# Settings kvgen refuses rather than silently ignoring (no processor for them yet).
+_UNSUPPORTED = {
+    "guidance_scale": (None, 1, 1.0),
+    "watermarking_config": (None,),
+    "penalty_alpha": (None,),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "dola_layers": (None,),
+    "max_time": (None,),
+    "top_h": (None,),
+    "low_memory": (None, False),
+    "assistant_model": (None,),
+    "prompt_lookup_num_tokens": (None,),
 }
-
 
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
@@ -64,6 +57,13 @@ class Generator:
         self.tokenizer: Tokenizer | None = Tokenizer(native_tok) if native_tok is not None else None
         self.config = ModelConfig(json.loads(engine.config_json))
         self.generation_config = self._model_generation_config()
+        if self.tokenizer is not None and len(self.tokenizer) > self.config.vocab_size:
+            warnings.warn(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding has {self.config.vocab_size} "
+                "rows; ids at or above the embedding size will raise kvgen.TokenOutOfRangeError. Check that the "
+                "tokenizer belongs to this model.",
+                stacklevel=3,
+            )
 
     @classmethod
     def from_pretrained(
@@ -123,27 +123,31 @@ class Generator:
         return cfg, model_kwargs, has_default_max_length, has_default_min_length
 
     def _validate(self, cfg: GenerationConfig) -> None:
+        """Checks transformers would also make (same messages), plus kvgen's stricter ones."""
         if cfg.num_return_sequences is not None and cfg.num_return_sequences > 1 and not cfg.do_sample:
             raise InvalidInputError(
                 "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` "
                 f"different than 1 (got {cfg.num_return_sequences})."
             )
-        if cfg.do_sample:
-            raise InvalidInputError(
-                "do_sample=True is not available in this kvgen version; use greedy decoding (do_sample=False)"
-            )
+        n = cfg.num_return_sequences
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise InvalidInputError(f"num_return_sequences={n!r} must be a positive integer")
         if cfg.num_beams not in (None, 1):
             raise InvalidInputError(f"num_beams={cfg.num_beams}: beam search is not supported; use num_beams=1")
-        for name, neutral in _NOT_YET.items():
+        for name, neutral in _UNSUPPORTED.items():
             value = getattr(cfg, name, None)
-            if value is not None and value != neutral:
-                raise InvalidInputError(
-                    f"{name}={value!r} is not supported by kvgen yet; leave it at its default ({neutral!r})"
-                )
+            if value not in neutral:
+                raise InvalidInputError(f"{name}={value!r} is not supported by kvgen; leave it unset")
         for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
             value = getattr(cfg, name, None)
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
                 raise InvalidInputError(f"{name}={value!r} must be a non-negative integer")
+        if cfg.max_new_tokens is not None and cfg.max_new_tokens <= 0:
+            raise InvalidInputError(
+                f"max_new_tokens={cfg.max_new_tokens} must be greater than 0; ask for at least one new token"
+            )
+        if cfg.top_k is not None and (not isinstance(cfg.top_k, (int, np.integer)) or isinstance(cfg.top_k, bool)):
+            raise InvalidInputError(f"top_k={cfg.top_k!r} must be an integer >= 0 (0 disables top-k)")
 
     def _encode_texts(self, texts: list[str]) -> dict:
         if self.tokenizer is None:
@@ -174,7 +178,14 @@ class Generator:
 
         prepared = prepare(inputs, attention_mask, self._encode_texts)
         ids = prepared.ids
-        batch, input_len = ids.shape
+        prompt_batch, input_len = ids.shape
+        n_return = int(cfg.num_return_sequences or 1)
+        if n_return > 1:
+            # transformers' _expand_inputs_for_generation: each row repeated n times, consecutively.
+            ids = np.repeat(ids, n_return, axis=0)
+            if prepared.attention_mask is not None:
+                prepared.attention_mask = np.repeat(prepared.attention_mask, n_return, axis=0)
+        batch = ids.shape[0]
 
         eos_ids = _as_id_list(cfg.eos_token_id)
         pad_id = cfg.pad_token_id
@@ -205,17 +216,20 @@ class Generator:
         if streamer is not None:
             streamer.put(self._stream_value(prepared, ids))
             on_step = lambda tokens: streamer.put(self._stream_value(prepared, np.asarray(tokens, dtype=np.int64)))  # noqa: E731
+        cfg.min_length = min_length
+        cfg.eos_token_id = eos_ids
+        seeds = row_seeds(seed, prompt_batch, n_return) if cfg.do_sample else []
         new_tokens, scores, logits = self._engine.generate(
             np.ascontiguousarray(ids),
             None if mask is None else np.ascontiguousarray(mask, dtype=np.int64),
             max_new_tokens=steps,
-            min_length=min_length,
-            min_new_tokens=cfg.min_new_tokens or 0,
+            processor_config_json=processor_config_json(cfg, prompt_length=input_len, max_length=max_length),
             eos_token_ids=eos_ids,
             pad_token_id=pad_id if eos_ids else None,
             stop_strings=self._stop_strings(cfg),
             output_scores=bool(cfg.output_scores and cfg.return_dict_in_generate),
             output_logits=bool(cfg.output_logits and cfg.return_dict_in_generate),
+            seeds=seeds,
             on_step=on_step,
         )
         if streamer is not None:
@@ -259,7 +273,7 @@ class Generator:
             if self.tokenizer is None:
                 raise InvalidInputError("text output needs a tokenizer")
             texts = self.tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
-            return texts[0] if prepared.kind == "text" else texts
+            return texts[0] if prepared.kind == "text" and len(texts) == 1 else texts
         sequences = np.concatenate([ids, new_tokens.astype(np.int64)], axis=1)
         out = prepared.wrap(sequences)
         if not cfg.return_dict_in_generate:

@@ -5,6 +5,8 @@ pub mod stopping;
 
 use crate::backend::{Backend, SeqInput, SlotGuard};
 use crate::error::{Error, Result};
+use crate::sampling::config::ProcessorConfig;
+use crate::sampling::sample::{self, RowRng};
 use crate::sampling::{self, processors::RowContext};
 use stopping::StopStrings;
 
@@ -13,9 +15,8 @@ use stopping::StopStrings;
 pub struct GenerationParams {
     /// Decode steps at most (transformers: max_length - padded prompt length, at least 1).
     pub max_new_tokens: usize,
-    /// transformers' min_length (counts the padded prompt).
-    pub min_length: usize,
-    pub min_new_tokens: usize,
+    /// Which logits processors run, and whether to sample.
+    pub processors: ProcessorConfig,
     pub eos_token_ids: Vec<u32>,
     /// Written into rows after they finish; None keeps finished rows generating (transformers
     /// without eos).
@@ -23,11 +24,19 @@ pub struct GenerationParams {
     pub stop_strings: Vec<String>,
     pub output_scores: bool,
     pub output_logits: bool,
+    /// (seed, stream) of each row's random stream, when sampling.
+    pub seeds: Vec<(u64, u64)>,
 }
 
-/// One prompt row: its tokens without padding, and the padded width of the batch it came in.
+/// One prompt row.
 pub struct Prompt {
+    /// transformers' `input_ids` row as given, padding included (masked ids that are no valid
+    /// token are `u32::MAX`): what the logits processors see.
+    pub input_ids: Vec<u32>,
+    /// The attended tokens only: what the model sees.
     pub tokens: Vec<u32>,
+    /// Index of the first attended position (left padding), skipped by repetition_penalty.
+    pub ignore_prefix: usize,
 }
 
 #[derive(Default)]
@@ -44,7 +53,7 @@ pub struct GenerationOutput {
 pub trait StepObserver {
     /// `tokens` holds one token per row (pad for finished rows), as transformers streams them.
     fn on_step(&mut self, tokens: &[u32]) -> Result<()>;
-    /// Called between phases of long work; returns Err(Interrupted) to stop.
+    /// Called before each step; returns Err(Interrupted) to stop.
     fn check_interrupt(&mut self) -> Result<()> {
         Ok(())
     }
@@ -57,28 +66,32 @@ impl StepObserver for NoObserver {
     }
 }
 
-/// Compacts one padded input row: drops positions whose mask is 0 and checks every id against
-/// the vocabulary, naming the row and column of a bad one.
-pub fn compact_row(ids: &[i64], mask: Option<&[i64]>, row: usize, vocab_size: usize) -> Result<Vec<u32>> {
-    let mut out = Vec::with_capacity(ids.len());
+/// Builds one prompt from a padded input row: drops positions whose mask is 0 and checks every
+/// attended id against the vocabulary, naming the row and column of a bad one.
+pub fn prompt_from_row(ids: &[i64], mask: Option<&[i64]>, row: usize, vocab_size: usize) -> Result<Prompt> {
+    let attended = |col: usize| mask.is_none_or(|m| m.get(col).copied().unwrap_or(1) != 0);
+    let mut tokens = Vec::with_capacity(ids.len());
+    let mut input_ids = Vec::with_capacity(ids.len());
     for (col, &id) in ids.iter().enumerate() {
-        if mask.is_some_and(|m| m.get(col).copied().unwrap_or(1) == 0) {
+        let valid = id >= 0 && (id as u64) < vocab_size as u64;
+        input_ids.push(if valid { id as u32 } else { u32::MAX });
+        if !attended(col) {
             continue;
         }
-        if id < 0 || id as u64 >= vocab_size as u64 {
+        if !valid {
             return Err(Error::TokenOutOfRange { id, row, position: col, vocab_size });
         }
-        out.push(id as u32);
+        tokens.push(id as u32);
     }
-    Ok(out)
+    let ignore_prefix = (0..ids.len()).find(|&c| attended(c)).unwrap_or(0);
+    Ok(Prompt { input_ids, tokens, ignore_prefix })
 }
 
-/// Greedy generation for a batch. `padded_prompt_len` is the width of the caller's padded input,
-/// which transformers' length limits count.
+/// Generation for a batch, greedy or sampled; every row runs until eos, a stop string or
+/// `max_new_tokens`.
 pub fn generate(
     backend: &dyn Backend,
     prompts: &[Prompt],
-    padded_prompt_len: usize,
     params: &GenerationParams,
     decode: Option<&stopping::DecodeFn>,
     observer: &mut dyn StepObserver,
@@ -97,18 +110,25 @@ pub fn generate(
             )));
         }
     }
+    let do_sample = params.processors.do_sample;
+    if do_sample && params.seeds.len() != batch {
+        return Err(Error::Internal(format!("{} seeds for {batch} rows", params.seeds.len())));
+    }
     let stop = match (params.stop_strings.is_empty(), decode) {
         (true, _) => None,
         (false, Some(d)) => Some(StopStrings::new(params.stop_strings.clone(), d)),
         (false, None) => return Err(Error::invalid("stop_strings need a tokenizer; load the model with its tokenizer")),
     };
-    let processors = sampling::processors::build(params.min_length, params.min_new_tokens, &params.eos_token_ids);
+    let processors = sampling::processors::build(&params.processors, vocab)?;
+    let mut rngs: Vec<RowRng> = params.seeds.iter().map(|&(seed, stream)| RowRng::new(seed, stream)).collect();
     let steps = params.max_new_tokens;
     let mut slots = Vec::with_capacity(batch);
     for p in prompts {
         slots.push(SlotGuard::new(backend, p.tokens.len() + steps)?);
     }
-    let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
+    // What the model sees (attended tokens) and what the processors see (transformers' rows).
+    let mut model_tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
+    let mut hf_rows: Vec<Vec<u32>> = prompts.iter().map(|p| p.input_ids.clone()).collect();
     let mut out = GenerationOutput { tokens: vec![Vec::with_capacity(steps); batch], ..Default::default() };
     let mut unfinished = vec![true; batch];
     // Rows that finished still run when their scores are returned (transformers keeps them in the batch).
@@ -122,12 +142,23 @@ pub fn generate(
         observer.check_interrupt()?;
         let seqs: Vec<SeqInput> = active
             .iter()
-            .map(|&r| SeqInput { slot: slots[r].slot, tokens: &history[r][inputs[r].0..inputs[r].1], start_pos: inputs[r].0 })
+            .map(|&r| SeqInput {
+                slot: slots[r].slot,
+                tokens: &model_tokens[r][inputs[r].0..inputs[r].1],
+                start_pos: inputs[r].0,
+            })
             .collect();
         let logits = backend.step(&seqs, false)?;
         drop(seqs);
         for (i, &r) in active.iter().enumerate() {
-            step_logits[r * vocab..(r + 1) * vocab].copy_from_slice(&logits[i * vocab..(i + 1) * vocab]);
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let bad = sampling::count_invalid(row);
+            if bad > 0 && !params.processors.remove_invalid_values {
+                return Err(Error::Numerical(format!(
+                    "step {step}, row {r}: the model produced {bad} NaN/+Inf logits out of {vocab}; the weights or the                      dtype overflow (try dtype=\"float32\"), or pass remove_invalid_values=True to replace them as transformers does"
+                )));
+            }
+            step_logits[r * vocab..(r + 1) * vocab].copy_from_slice(row);
         }
         if params.output_logits {
             out.logits.push(step_logits.clone());
@@ -135,12 +166,12 @@ pub fn generate(
         let mut next = vec![params.pad_token_id.unwrap_or(0); batch];
         for &r in &active {
             let row = &mut step_logits[r * vocab..(r + 1) * vocab];
-            let ctx = RowContext { tokens: &history[r], padded_prompt_len: padded_prompt_len, generated: step };
+            let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: prompts[r].ignore_prefix };
             for p in &processors {
                 p.process(&ctx, row);
             }
             if unfinished[r] || params.pad_token_id.is_none() {
-                next[r] = sampling::argmax(row) as u32;
+                next[r] = if do_sample { sample::sample(row, &mut rngs[r], step, r)? } else { sampling::argmax(row) } as u32;
             }
         }
         if params.output_scores {
@@ -148,7 +179,8 @@ pub fn generate(
         }
         for r in 0..batch {
             out.tokens[r].push(next[r]);
-            history[r].push(next[r]);
+            model_tokens[r].push(next[r]);
+            hf_rows[r].push(next[r]);
         }
         observer.on_step(&next)?;
         for &r in &active {
@@ -157,7 +189,7 @@ pub fn generate(
             }
             let hit_eos = params.eos_token_ids.contains(&next[r]);
             let hit_stop = match &stop {
-                Some(s) => s.is_stopped(&history[r])?,
+                Some(s) => s.is_stopped(&model_tokens[r])?,
                 None => false,
             };
             if hit_eos || hit_stop {
@@ -168,7 +200,7 @@ pub fn generate(
             break;
         }
         for &r in &active {
-            let len = history[r].len();
+            let len = model_tokens[r].len();
             inputs[r] = (len - 1, len);
         }
         if !keep_finished_rows {

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::errors::{to_py, IntoPyResult};
+use super::errors::{guarded, to_py, IntoPyResult};
 use super::tokenizer::PyTokenizer;
 use crate::backend::{SeqInput, SlotGuard};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generation::{self, GenerationParams, Prompt, StepObserver};
+use crate::sampling::config::ProcessorConfig;
 
 #[pyclass(name = "Engine", module = "kvgen._kvgen", frozen)]
 pub struct PyEngine {
@@ -80,7 +81,7 @@ fn prompts_from(
             Some(m) => m.iter().map(|&x| x != 0).collect(),
             None => vec![true; row.len()],
         });
-        prompts.push(Prompt { tokens: generation::compact_row(&row, m.as_deref(), r, vocab).py()? });
+        prompts.push(generation::prompt_from_row(&row, m.as_deref(), r, vocab).py()?);
     }
     Ok((prompts, valid))
 }
@@ -94,7 +95,7 @@ impl PyEngine {
     #[staticmethod]
     #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string()))]
     fn load(py: Python<'_>, model: String, device: String, dtype: String) -> PyResult<Self> {
-        let engine = py.detach(|| Engine::load(&model, &device, &dtype)).py()?;
+        let engine = py.detach(|| guarded(|| Engine::load(&model, &device, &dtype))).py()?;
         Ok(PyEngine { inner: Arc::new(engine) })
     }
 
@@ -128,11 +129,11 @@ impl PyEngine {
         self.inner.model_path.display().to_string()
     }
 
-    /// Greedy generation over a padded id matrix. Returns (new_tokens (batch, steps) int64,
+    /// Generation over a padded id matrix. Returns (new_tokens (batch, steps) int64,
     /// scores list of (batch, vocab) float32, logits list of the same).
-    #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, min_length = 0, min_new_tokens = 0,
+    #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, on_step = None))]
+        output_logits = false, seeds = Vec::new(), on_step = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -140,18 +141,19 @@ impl PyEngine {
         input_ids: PyReadonlyArray2<'py, i64>,
         attention_mask: Option<PyReadonlyArray2<'py, i64>>,
         max_new_tokens: usize,
-        min_length: usize,
-        min_new_tokens: usize,
+        processor_config_json: &str,
         eos_token_ids: Vec<i64>,
         pad_token_id: Option<i64>,
         stop_strings: Vec<String>,
         output_scores: bool,
         output_logits: bool,
+        seeds: Vec<(u64, u64)>,
         on_step: Option<Py<PyAny>>,
     ) -> PyResult<(Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>)> {
         let vocab = self.inner.config.vocab_size;
-        let padded_len = input_ids.shape()[1];
         let (prompts, _) = prompts_from(&input_ids, &attention_mask, vocab)?;
+        let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
+        self.inner.check_context(longest, max_new_tokens).py()?;
         let check_id = |what: &str, id: i64| -> PyResult<u32> {
             if id < 0 || id as u64 >= vocab as u64 {
                 return Err(to_py(Error::invalid(format!(
@@ -161,25 +163,29 @@ impl PyEngine {
             }
             Ok(id as u32)
         };
+        let processors: ProcessorConfig = serde_json::from_str(processor_config_json)
+            .map_err(|e| to_py(Error::invalid(format!("invalid generation settings: {e}"))))?;
         let params = GenerationParams {
             max_new_tokens,
-            min_length,
-            min_new_tokens,
+            processors,
             eos_token_ids: eos_token_ids.iter().map(|&i| check_id("eos_token_id", i)).collect::<PyResult<_>>()?,
             pad_token_id: pad_token_id.map(|i| check_id("pad_token_id", i)).transpose()?,
             stop_strings,
             output_scores,
             output_logits,
+            seeds,
         };
         let engine = Arc::clone(&self.inner);
         let mut observer = PyObserver { callback: on_step, error: None };
         let result = py.detach(|| {
-            let tok = engine.tokenizer.clone();
-            let decode = tok.as_ref().map(|t| {
-                let t = Arc::clone(t);
-                Box::new(move |ids: &[u32]| t.decode(ids, false)) as Box<generation::stopping::DecodeFn>
-            });
-            generation::generate(engine.backend.as_ref(), &prompts, padded_len, &params, decode.as_deref(), &mut observer)
+            guarded(|| {
+                let tok = engine.tokenizer.clone();
+                let decode = tok.as_ref().map(|t| {
+                    let t = Arc::clone(t);
+                    Box::new(move |ids: &[u32]| t.decode(ids, false)) as Box<generation::stopping::DecodeFn>
+                });
+                generation::generate(engine.backend.as_ref(), &prompts, &params, decode.as_deref(), &mut observer)
+            })
         });
         if let Some(e) = observer.error.take() {
             return Err(e);
@@ -207,7 +213,7 @@ impl PyEngine {
         let (prompts, valid) = prompts_from(&input_ids, &attention_mask, vocab)?;
         let engine = Arc::clone(&self.inner);
         let out = py
-            .detach(|| -> Result<Vec<f32>> {
+            .detach(|| guarded(|| -> Result<Vec<f32>> {
                 let backend = engine.backend.as_ref();
                 let slots =
                     prompts.iter().map(|p| SlotGuard::new(backend, p.tokens.len())).collect::<Result<Vec<_>>>()?;
@@ -227,12 +233,19 @@ impl PyEngine {
                     }
                 }
                 Ok(full)
-            })
+            }))
             .py()?;
         Ok(PyArray1::from_vec(py, out).reshape([batch, seq, vocab])?.into_any())
     }
 }
 
+/// Panics on purpose inside the guard, so tests can prove no panic crosses into Python.
+#[pyfunction]
+fn _debug_panic(py: Python<'_>) -> PyResult<()> {
+    py.detach(|| guarded(|| -> Result<()> { panic!("deliberate panic for kvgen's tests") })).py()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyEngine>()
+    m.add_class::<PyEngine>()?;
+    m.add_function(wrap_pyfunction!(_debug_panic, m)?)
 }

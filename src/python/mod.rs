@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod errors;
+pub mod processing;
 pub mod tokenizer;
 
 use pyo3::prelude::*;
@@ -11,5 +12,6 @@ fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     engine::register(m)?;
     tokenizer::register(m)?;
+    processing::register(m)?;
     Ok(())
 }

@@ -1,6 +1,10 @@
 //! Logits processing and token selection: pure functions over f32 rows.
 
+pub mod config;
+pub mod penalties;
 pub mod processors;
+pub mod sample;
+pub mod warpers;
 
 /// Index of the largest value; the first one on ties (as torch.argmax). NaN never wins.
 pub fn argmax(row: &[f32]) -> usize {
@@ -15,6 +19,11 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
+/// Counts NaN and +Inf entries (-inf is a legitimate "removed" score).
+pub fn count_invalid(row: &[f32]) -> usize {
+    row.iter().filter(|v| v.is_nan() || **v == f32::INFINITY).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -24,5 +33,10 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
         assert_eq!(argmax(&[0.5]), 0);
+    }
+
+    #[test]
+    fn invalid_values_are_nan_and_positive_inf() {
+        assert_eq!(count_invalid(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0]), 2);
     }
 }
