@@ -284,6 +284,18 @@ class Generator:
             logits=tuple(prepared.wrap_floats(s) for s in logits) if cfg.output_logits else None,
         )
 
+    def stream(self, inputs: Any = None, **kwargs: Any):
+        """Yields the newly generated text as deltas (one prompt). Same kwargs as generate()."""
+        from .streaming import stream
+
+        return stream(self, inputs, kwargs)
+
+    def astream(self, inputs: Any = None, **kwargs: Any):
+        """Async iterator of text deltas; generation runs off the event loop."""
+        from .streaming import astream
+
+        return astream(self, inputs, kwargs)
+
     # ---- parity helpers ---------------------------------------------------------------------
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
