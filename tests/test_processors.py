@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 
+transformers.logging.set_verbosity_error()
+
 NI = float("-inf")
 
 
@@ -316,6 +318,8 @@ def _knife_edge(scores, ids, kwargs):
         for r in range(t.shape[0]):
             p = _softmax64(t[r].numpy())
             if p is None:
+                if isinstance(proc, lp.EtaLogitsWarper):
+                    return True  # torch's Categorical raises on an all -inf row; kvgen leaves it unchanged
                 continue
             if isinstance(proc, lp.TopPLogitsWarper):
                 cum = np.cumsum(np.sort(p))[:-1]  # the top token is always kept
@@ -391,7 +395,7 @@ def cases(draw):
     return scores, ids, kw
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_property_parity(case):
     scores, ids, kw = case

@@ -41,8 +41,11 @@ pub fn process_logits_native<'py>(
     let list = processors::build(&cfg, vocab).py()?;
     let mut out: Vec<f32> = scores.as_array().iter().copied().collect();
     // Ids outside u32 (negative ones included) are no token: they never match a vocabulary id.
-    let ids: Vec<u32> =
-        input_ids.as_array().iter().map(|&t| if (0..u32::MAX as i64).contains(&t) { t as u32 } else { u32::MAX }).collect();
+    let ids: Vec<u32> = input_ids
+        .as_array()
+        .iter()
+        .map(|&t| if (0..u32::MAX as i64).contains(&t) { t as u32 } else { u32::MAX })
+        .collect();
     let prefix = ignore_prefix.unwrap_or_else(|| vec![0; batch]);
     py.detach(|| {
         guarded(|| -> Result<()> {

@@ -5,8 +5,8 @@
 
 use super::config::ProcessorConfig;
 use super::penalties::{
-    ExponentialDecay, ForceAt, InfNanRemove, NoRepeatNGram, RepetitionPenalty, SequenceBias, Suppress,
-    SuppressAt, SuppressUntil,
+    ExponentialDecay, ForceAt, InfNanRemove, NoRepeatNGram, RepetitionPenalty, SequenceBias, Suppress, SuppressAt,
+    SuppressUntil,
 };
 use super::warpers::{Epsilon, Eta, LogSoftmax, MinP, Temperature, TopK, TopP, Typical};
 use crate::error::{Error, Result};
@@ -50,7 +50,9 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
     if vocab_size > u32::MAX as usize {
         return Err(Error::invalid(format!("vocab_size={vocab_size} exceeds kvgen's limit of {} ids", u32::MAX)));
     }
-    let ids = |name: &str, list: &[i64]| -> Result<Vec<u32>> { list.iter().map(|&t| check_id(name, t, vocab_size)).collect() };
+    let ids = |name: &str, list: &[i64]| -> Result<Vec<u32>> {
+        list.iter().map(|&t| check_id(name, t, vocab_size)).collect()
+    };
     let eos = ids("eos_token_id", &cfg.eos_token_id)?;
     let mut out: Vec<Box<dyn LogitsProcessor>> = Vec::new();
 
@@ -89,9 +91,7 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
     }
     if let Some(words) = &cfg.bad_words_ids {
         if words.is_empty() {
-            return Err(Error::invalid(
-                "bad_words_ids=[] is empty: pass a non-empty list of token-id lists, or None",
-            ));
+            return Err(Error::invalid("bad_words_ids=[] is empty: pass a non-empty list of token-id lists, or None"));
         }
         let mut pairs = Vec::with_capacity(words.len());
         for w in words {
@@ -189,7 +189,13 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
             }
         }
         if let Some(p) = cfg.top_p {
-            check_range("top_p", p, p >= 0.0 && p <= 1.0, "[0, 1]", "1.0 disables nucleus sampling; pass e.g. top_p=0.9")?;
+            check_range(
+                "top_p",
+                p,
+                p >= 0.0 && p <= 1.0,
+                "[0, 1]",
+                "1.0 disables nucleus sampling; pass e.g. top_p=0.9",
+            )?;
             if p < 1.0 {
                 out.push(Box::new(TopP { top_p: p, min_keep: MIN_KEEP }));
             }
@@ -205,7 +211,13 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
             }
         }
         if let Some(e) = cfg.epsilon_cutoff {
-            check_range("epsilon_cutoff", e, e >= 0.0 && e < 1.0, "[0, 1)", "0 disables it; pass e.g. epsilon_cutoff=3e-4")?;
+            check_range(
+                "epsilon_cutoff",
+                e,
+                e >= 0.0 && e < 1.0,
+                "[0, 1)",
+                "0 disables it; pass e.g. epsilon_cutoff=3e-4",
+            )?;
             if e > 0.0 {
                 out.push(Box::new(Epsilon(e)));
             }
@@ -313,6 +325,30 @@ mod tests {
         // fewer finite entries than k: the k-th is -inf, nothing changes
         let c3 = ProcessorConfig { top_k: Some(3), ..sampling() };
         assert_eq!(kept(&run(&c3, &[], &[NI, 1.0, NI, NI])), vec![1]);
+    }
+
+    #[test]
+    fn top_k_large_rows_match_a_sort() {
+        // both paths (heap for small k, selection for large k), with heavy ties and -inf
+        let mut x = 7u64;
+        let row: Vec<f32> = (0..3000)
+            .map(|i| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if i % 7 == 0 {
+                    NI
+                } else {
+                    ((x >> 40) % 50) as f32
+                }
+            })
+            .collect();
+        for k in [1usize, 5, 50, 300, 1000, 2999] {
+            let c = ProcessorConfig { top_k: Some(k), ..sampling() };
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            let kth = sorted[k - 1];
+            let expect: Vec<usize> = (0..row.len()).filter(|&i| row[i] >= kth && row[i] > NI).collect();
+            assert_eq!(kept(&run(&c, &[], &row)), expect, "k={k}");
+        }
     }
 
     #[test]
@@ -456,11 +492,8 @@ mod tests {
 
     #[test]
     fn bad_words_and_sequence_bias() {
-        let c = ProcessorConfig {
-            bad_words_ids: Some(vec![vec![3], vec![1, 2], vec![0]]),
-            eos_token_id: vec![0],
-            ..cfg()
-        };
+        let c =
+            ProcessorConfig { bad_words_ids: Some(vec![vec![3], vec![1, 2], vec![0]]), eos_token_id: vec![0], ..cfg() };
         // [0] equals eos: dropped; [1,2] bans 2 only after 1
         assert_eq!(kept(&run(&c, &[5, 1], &[0.0; 6])), vec![0, 1, 4, 5]);
         assert_eq!(kept(&run(&c, &[1, 5], &[0.0; 6])), vec![0, 1, 2, 4, 5]);
@@ -502,11 +535,21 @@ mod tests {
 
     #[test]
     fn suppression_and_begin_index() {
-        let c = ProcessorConfig { suppress_tokens: Some(vec![0]), begin_suppress_tokens: Some(vec![1]), prompt_length: 3, ..cfg() };
+        let c = ProcessorConfig {
+            suppress_tokens: Some(vec![0]),
+            begin_suppress_tokens: Some(vec![1]),
+            prompt_length: 3,
+            ..cfg()
+        };
         assert_eq!(kept(&run(&c, &[9, 9, 9], &[0.0; 3])), vec![2]);
         assert_eq!(kept(&run(&c, &[9, 9, 9, 9], &[0.0; 3])), vec![1, 2]);
         // prompt_length <= 1 with forced_bos: begin index moves one step later
-        let b = ProcessorConfig { begin_suppress_tokens: Some(vec![1]), prompt_length: 1, forced_bos_token_id: Some(0), ..cfg() };
+        let b = ProcessorConfig {
+            begin_suppress_tokens: Some(vec![1]),
+            prompt_length: 1,
+            forced_bos_token_id: Some(0),
+            ..cfg()
+        };
         assert_eq!(run(&b, &[9, 0], &[0.0; 3])[1], NI);
     }
 
@@ -514,7 +557,12 @@ mod tests {
     fn invalid_values_and_decay() {
         let c = ProcessorConfig { remove_invalid_values: true, ..cfg() };
         assert_eq!(run(&c, &[], &[f32::NAN, f32::INFINITY, NI, 1.0]), vec![0.0, f32::MAX, f32::MIN, 1.0]);
-        let d = ProcessorConfig { exponential_decay_length_penalty: Some((1, 2.0)), eos_token_id: vec![0, 0], prompt_length: 2, ..cfg() };
+        let d = ProcessorConfig {
+            exponential_decay_length_penalty: Some((1, 2.0)),
+            eos_token_id: vec![0, 0],
+            prompt_length: 2,
+            ..cfg()
+        };
         // regulation start 3; cur_len 5 -> idx 2: s + |s| * (4 - 1)
         assert_eq!(run(&d, &[1; 5], &[-1.0, 1.0]), vec![2.0, 1.0]);
         assert_eq!(run(&d, &[1; 3], &[-1.0, 1.0]), vec![-1.0, 1.0]);
@@ -538,7 +586,9 @@ mod tests {
         assert!(err(&ProcessorConfig { bad_words_ids: Some(vec![vec![1, 9]]), ..cfg() }, 4).contains("bad_words_ids"));
         assert!(err(&ProcessorConfig { bad_words_ids: Some(vec![]), ..cfg() }, 4).contains("bad_words_ids"));
         assert!(err(&ProcessorConfig { forced_bos_token_id: Some(7), ..cfg() }, 4).contains("forced_bos_token_id"));
-        assert!(err(&ProcessorConfig { sequence_bias: Some(vec![(vec![5], 1.0)]), ..cfg() }, 4).contains("sequence_bias"));
+        assert!(
+            err(&ProcessorConfig { sequence_bias: Some(vec![(vec![5], 1.0)]), ..cfg() }, 4).contains("sequence_bias")
+        );
         assert!(err(&cfg(), 0).contains("0 columns"));
     }
 

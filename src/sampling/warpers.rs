@@ -24,19 +24,18 @@ thread_local! {
 /// (max, sum of exp(x - max) in f64) when the softmax of the row is defined: no NaN, no +inf and at
 /// least one finite value. None means torch's softmax would be all NaN (every warper is a no-op).
 pub(crate) fn row_stats(row: &[f32]) -> Option<(f32, f64)> {
-    let mut max = f32::NEG_INFINITY;
+    // Branch-free scan (vectorizes); f32::max skips NaN, which `bad` catches.
+    let (mut max, mut bad) = (f32::NEG_INFINITY, false);
     for &v in row {
-        if v.is_nan() || v == f32::INFINITY {
-            return None;
-        }
-        if v > max {
-            max = v;
-        }
+        bad |= v.is_nan() | (v == f32::INFINITY);
+        max = max.max(v);
     }
-    if max == f32::NEG_INFINITY {
+    if bad || max == f32::NEG_INFINITY {
         return None;
     }
-    let sum: f64 = row.iter().map(|&v| (v - max).exp() as f64).sum();
+    // -inf entries add exactly 0; skipping them saves an exp per removed token (most of the row
+    // after top_k).
+    let sum: f64 = row.iter().filter(|&&v| v > f32::NEG_INFINITY).map(|&v| (v - max).exp() as f64).sum();
     Some((max, sum))
 }
 
@@ -86,16 +85,51 @@ impl LogitsProcessor for TopK {
         let kth = VALUES.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.clear();
-            buf.extend_from_slice(scores);
-            // O(V) partial selection instead of a sort.
-            let (_, kth, _) = buf.select_nth_unstable_by(k - 1, |a, b| desc_nan_first(*a, *b));
-            *kth
+            if k <= 1024 && k * 8 <= scores.len() {
+                // Small k: one pass with a size-k min-heap; almost every value fails the first compare.
+                buf.extend_from_slice(&scores[..k]);
+                for i in (0..k / 2).rev() {
+                    sift_down(&mut buf, i);
+                }
+                for &v in &scores[k..] {
+                    if desc_nan_first(v, buf[0]) == Ordering::Less {
+                        buf[0] = v;
+                        sift_down(&mut buf, 0);
+                    }
+                }
+                buf[0]
+            } else {
+                // O(V) partial selection instead of a sort.
+                buf.extend_from_slice(scores);
+                let (_, kth, _) = buf.select_nth_unstable_by(k - 1, |a, b| desc_nan_first(*a, *b));
+                *kth
+            }
         });
         for v in scores.iter_mut() {
             if *v < kth {
                 *v = f32::NEG_INFINITY;
             }
         }
+    }
+}
+
+/// Restores the min-heap property (smallest under `desc_nan_first`, i.e. NaN largest, at the root).
+fn sift_down(heap: &mut [f32], mut i: usize) {
+    let n = heap.len();
+    loop {
+        let (l, r) = (2 * i + 1, 2 * i + 2);
+        let mut smallest = i;
+        if l < n && desc_nan_first(heap[l], heap[smallest]) == Ordering::Greater {
+            smallest = l;
+        }
+        if r < n && desc_nan_first(heap[r], heap[smallest]) == Ordering::Greater {
+            smallest = r;
+        }
+        if smallest == i {
+            return;
+        }
+        heap.swap(i, smallest);
+        i = smallest;
     }
 }
 
@@ -108,16 +142,29 @@ pub struct TopP {
 
 impl LogitsProcessor for TopP {
     fn process(&self, _ctx: &RowContext, scores: &mut [f32]) {
-        let Some((max, sum)) = row_stats(scores) else { return };
         // torch: `cumsum <= (1 - top_p)`, the Python float cast to f32.
         let threshold = (1.0f64 - self.top_p as f64) as f32;
         PAIRS.with(|cell| {
             let mut cands = cell.borrow_mut();
             cands.clear();
-            cands.extend(
-                scores.iter().enumerate().filter(|(_, &v)| v > f32::NEG_INFINITY).map(|(i, &v)| (v, i as u32)),
-            );
+            // One pass over the row: finite candidates, their max, and the NaN/+inf check of row_stats.
+            let mut max = f32::NEG_INFINITY;
+            for (i, &v) in scores.iter().enumerate() {
+                if v > f32::NEG_INFINITY {
+                    if v == f32::INFINITY {
+                        return;
+                    }
+                    max = max.max(v);
+                    cands.push((v, i as u32));
+                } else if v.is_nan() {
+                    return;
+                }
+            }
             let n = cands.len();
+            if n == 0 {
+                return;
+            }
+            let sum: f64 = cands.iter().map(|&(v, _)| (v - max).exp() as f64).sum();
             // Total mass = the last ascending cumsum value (f64 accumulation, as torch).
             let total: f64 = cands.iter().map(|&(v, _)| prob(v, max, sum) as f64).sum();
             let mut m = n.min(64);
@@ -164,7 +211,9 @@ pub struct MinP {
 
 impl LogitsProcessor for MinP {
     fn process(&self, _ctx: &RowContext, scores: &mut [f32]) {
-        let Some((max, sum)) = row_stats(scores) else { return };
+        let Some((max, sum)) = row_stats(scores) else {
+            return;
+        };
         let top = prob(max, max, sum);
         let cut = self.min_p * top;
         // The max-prob tokens are never below min_p * top (min_p <= 1), so min_tokens_to_keep = 1
@@ -186,7 +235,9 @@ pub struct Typical {
 
 impl LogitsProcessor for Typical {
     fn process(&self, _ctx: &RowContext, scores: &mut [f32]) {
-        let Some((max, sum)) = row_stats(scores) else { return };
+        let Some((max, sum)) = row_stats(scores) else {
+            return;
+        };
         let log_sum = sum.ln() as f32;
         // Entropy: -sum(logp * p); torch's nansum skips -inf * 0 (also for finite scores whose
         // difference to the max overflows to -inf).
@@ -236,7 +287,9 @@ pub struct Epsilon(pub f32);
 
 impl LogitsProcessor for Epsilon {
     fn process(&self, _ctx: &RowContext, scores: &mut [f32]) {
-        let Some((max, sum)) = row_stats(scores) else { return };
+        let Some((max, sum)) = row_stats(scores) else {
+            return;
+        };
         cut_below(scores, max, sum, self.0);
     }
 }
@@ -246,7 +299,9 @@ pub struct Eta(pub f32);
 
 impl LogitsProcessor for Eta {
     fn process(&self, _ctx: &RowContext, scores: &mut [f32]) {
-        let Some((max, sum)) = row_stats(scores) else { return };
+        let Some((max, sum)) = row_stats(scores) else {
+            return;
+        };
         let log_sum = sum.ln() as f32;
         // Categorical's entropy clamps log p to f32::MIN, so p = 0 terms are 0.
         let mut ent = 0f64;
@@ -262,7 +317,7 @@ impl LogitsProcessor for Eta {
 /// Removes `prob < cut` unless the score equals the row maximum (min_tokens_to_keep = 1).
 fn cut_below(scores: &mut [f32], max: f32, sum: f64, cut: f32) {
     for v in scores.iter_mut() {
-        if *v < max && prob(*v, max, sum) < cut {
+        if *v > f32::NEG_INFINITY && *v < max && prob(*v, max, sum) < cut {
             *v = f32::NEG_INFINITY;
         }
     }
