@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::cache::KvCache;
-use crate::backend::cpu::kernels::{self, AttnSeq};
+use crate::backend::cpu::kernels::{self, AttnSeq, Proj};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -72,6 +72,13 @@ impl LlamaModel {
     /// returns logits (row-major, vocab wide) for the last token of each sequence, or for every
     /// token when `all_positions`.
     pub fn forward(&self, seqs: &mut [SeqBatchItem], all_positions: bool) -> Result<Vec<f32>> {
+        // Run the whole step on a pool worker: each of the ~200 parallel kernels per step then
+        // forks from inside the pool, instead of a non-worker caller injecting a job and sleeping
+        // on a latch every time (two futex round trips per kernel).
+        rayon::scope(|_| self.forward_in_pool(seqs, all_positions))
+    }
+
+    fn forward_in_pool(&self, seqs: &mut [SeqBatchItem], all_positions: bool) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -136,9 +143,15 @@ impl LlamaModel {
 
         for (li, lw) in self.weights.layers.iter().enumerate() {
             kernels::rms_norm(&x, &lw.input_norm, eps, &mut xn);
-            kernels::linear(&xn, n, &lw.q, lw.q_bias.as_deref(), &mut q);
-            kernels::linear(&xn, n, &lw.k, lw.k_bias.as_deref(), &mut k);
-            kernels::linear(&xn, n, &lw.v, lw.v_bias.as_deref(), &mut v);
+            kernels::linear_many(
+                &xn,
+                n,
+                &mut [
+                    Proj { w: &lw.q, bias: lw.q_bias.as_deref(), out: &mut q },
+                    Proj { w: &lw.k, bias: lw.k_bias.as_deref(), out: &mut k },
+                    Proj { w: &lw.v, bias: lw.v_bias.as_deref(), out: &mut v },
+                ],
+            );
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 kernels::rms_norm_inplace(&mut q, qn, eps);
                 kernels::rms_norm_inplace(&mut k, kn, eps);
@@ -183,9 +196,12 @@ impl LlamaModel {
             add_inplace(&mut x, &proj);
 
             kernels::rms_norm(&x, &lw.post_norm, eps, &mut xn);
-            kernels::linear(&xn, n, &lw.gate, lw.gate_bias.as_deref(), &mut gate);
-            kernels::linear(&xn, n, &lw.up, lw.up_bias.as_deref(), &mut up);
-            kernels::silu_mul(&mut gate, &up);
+            kernels::linear_gated(
+                &xn,
+                n,
+                Proj { w: &lw.gate, bias: lw.gate_bias.as_deref(), out: &mut gate },
+                Proj { w: &lw.up, bias: lw.up_bias.as_deref(), out: &mut up },
+            );
             kernels::linear(&gate, n, &lw.down, lw.down_bias.as_deref(), &mut proj);
             add_inplace(&mut x, &proj);
         }

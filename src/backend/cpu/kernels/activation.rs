@@ -8,7 +8,7 @@ const PAR_CHUNK: usize = 1 << 14;
 /// gate[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)). Elementwise, so batch invariant.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     debug_assert_eq!(gate.len(), up.len());
-    let f = |(g, &u): (&mut f32, &f32)| *g = *g / (1.0 + (-*g).exp()) * u;
+    let f = |(g, &u): (&mut f32, &f32)| *g = silu_mul_one(*g, u);
     if gate.len() < 2 * PAR_CHUNK {
         gate.iter_mut().zip(up).for_each(f);
     } else {
@@ -16,6 +16,12 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
             .zip(up.par_chunks(PAR_CHUNK))
             .for_each(|(g, u)| g.iter_mut().zip(u).for_each(f));
     }
+}
+
+/// silu(g) * u for one element; shared with the fused gate/up linear so both give the same bits.
+#[inline(always)]
+pub(super) fn silu_mul_one(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ mod rope;
 
 pub use activation::silu_mul;
 pub use attention::{attention, AttnSeq};
-pub use linear::linear;
+pub use linear::{linear, linear_gated, linear_many, Proj};
 pub use norm::{rms_norm, rms_norm_inplace};
 pub use rope::rope_inplace;
 
@@ -30,6 +30,23 @@ pub(crate) fn use_avx2() -> bool {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether AVX-512VL is there too; it only buys registers for the same 256-bit kernels (linear
+/// picks wider tiles), never a different arithmetic.
+pub(crate) fn use_avx512vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| {
+            use_avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
