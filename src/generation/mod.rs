@@ -3,6 +3,8 @@
 
 pub mod stopping;
 
+use rayon::prelude::*;
+
 use crate::backend::{Backend, SeqInput, SlotGuard};
 use crate::error::{Error, Result};
 use crate::sampling::config::ProcessorConfig;
@@ -120,7 +122,11 @@ pub fn generate(
         (false, None) => return Err(Error::invalid("stop_strings need a tokenizer; load the model with its tokenizer")),
     };
     let processors = sampling::processors::build(&params.processors, vocab)?;
-    let mut rngs: Vec<RowRng> = params.seeds.iter().map(|&(seed, stream)| RowRng::new(seed, stream)).collect();
+    let mut rngs: Vec<Option<RowRng>> = if do_sample {
+        params.seeds.iter().map(|&(seed, stream)| Some(RowRng::new(seed, stream))).collect()
+    } else {
+        (0..batch).map(|_| None).collect()
+    };
     let steps = params.max_new_tokens;
     let mut slots = Vec::with_capacity(batch);
     for p in prompts {
@@ -163,15 +169,35 @@ pub fn generate(
         if params.output_logits {
             out.logits.push(step_logits.clone());
         }
+        // Rows are independent (own processors state, own random stream): process them in parallel.
+        let mut is_active = vec![false; batch];
+        active.iter().for_each(|&r| is_active[r] = true);
+        let picks: Vec<Result<Option<u32>>> = step_logits
+            .par_chunks_mut(vocab)
+            .zip(rngs.par_iter_mut())
+            .enumerate()
+            .map(|(r, (row, rng))| {
+                if !is_active[r] {
+                    return Ok(None);
+                }
+                let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: prompts[r].ignore_prefix };
+                for p in &processors {
+                    p.process(&ctx, row);
+                }
+                if !unfinished[r] && params.pad_token_id.is_some() {
+                    return Ok(None);
+                }
+                let token = match rng {
+                    Some(rng) => sample::sample(row, rng, step, r)?,
+                    None => sampling::argmax(row),
+                };
+                Ok(Some(token as u32))
+            })
+            .collect();
         let mut next = vec![params.pad_token_id.unwrap_or(0); batch];
-        for &r in &active {
-            let row = &mut step_logits[r * vocab..(r + 1) * vocab];
-            let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: prompts[r].ignore_prefix };
-            for p in &processors {
-                p.process(&ctx, row);
-            }
-            if unfinished[r] || params.pad_token_id.is_none() {
-                next[r] = if do_sample { sample::sample(row, &mut rngs[r], step, r)? } else { sampling::argmax(row) } as u32;
+        for (r, pick) in picks.into_iter().enumerate() {
+            if let Some(t) = pick? {
+                next[r] = t;
             }
         }
         if params.output_scores {
