@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::llama::LlamaModel;
 use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{safetensors::SafetensorsSource, TensorSource};
+use crate::weights::{gguf::GgufSource, safetensors::SafetensorsSource, TensorSource};
 
 pub struct Engine {
     pub config: ModelConfig,
@@ -44,8 +44,11 @@ impl Engine {
         }
         let path = crate::resolve::resolve_model(name)?;
         if path.is_file() {
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Self::load_gguf(&path, dtype);
+            }
             return Err(Error::invalid(format!(
-                "{} is a file; pass the model directory (config.json, *.safetensors, tokenizer.json)",
+                "{} is a file; pass the model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file",
                 path.display()
             )));
         }
@@ -64,6 +67,30 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// A llama.cpp GGUF file: config from its metadata, tokenizer from `tokenizer.ggml.*`, weights
+    /// dequantized to `dtype` ("auto" = float32 for now; see `gguf_weights`).
+    fn load_gguf(path: &Path, dtype: Option<DType>) -> Result<Engine> {
+        let source = GgufSource::open(path)?;
+        let raw = source.config_json()?;
+        let generation_config = crate::weights::gguf::generation_config_json(&raw);
+        let config = ModelConfig::from_json(raw).map_err(|e| match e {
+            Error::InvalidInput(m) => Error::bad_file(path, m),
+            other => other,
+        })?;
+        let dtype = dtype.unwrap_or(DType::F32);
+        let weights = Self::gguf_weights(&source, &config, dtype)?;
+        let model = Arc::new(LlamaModel::new(config.clone(), weights));
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
+        let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
+    }
+
+    /// The one place GGUF weights become float matrices: every tensor dequantized to f32, then
+    /// rounded to `dtype`. The quantized path will replace this for dtype="auto".
+    fn gguf_weights(source: &GgufSource, config: &ModelConfig, dtype: DType) -> Result<crate::model::llama::LlamaWeights> {
+        crate::weights::llama::load(source, config, dtype)
     }
 
     fn load_dir(dir: &Path, dtype: Option<DType>) -> Result<Engine> {

@@ -76,7 +76,18 @@ class Generator:
             raise InvalidInputError(f"tp_degree={tp_degree} is not supported on device={device!r}; use tp_degree=1")
         import os
 
-        return cls(_kvgen.Engine.load(os.fspath(model), device, str(dtype).replace("torch.", "")))
+        from . import models
+        from .errors import ModelNotFoundError
+
+        name = os.fspath(model)
+        name = models.packaged_model_path(name) or name
+        try:
+            return cls(_kvgen.Engine.load(name, device, str(dtype).replace("torch.", "")))
+        except ModelNotFoundError as e:
+            hint = models.install_hint(name)
+            if hint is None:
+                raise
+            raise ModelNotFoundError(f"{hint} ({e})") from e
 
     def _model_generation_config(self) -> GenerationConfig:
         data = json.loads(self._engine.generation_config_json)

@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod errors;
+pub mod gguf;
 pub mod processing;
 pub mod tokenizer;
 
@@ -13,5 +14,6 @@ fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     engine::register(m)?;
     tokenizer::register(m)?;
     processing::register(m)?;
+    gguf::register(m)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! and chat prompts equal `AutoTokenizer.from_pretrained(dir)` for the same files.
 
 pub mod chat_template;
+pub mod gguf;
 pub mod special;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! Checkpoint reading. The only module that spells tensor names (see `names`).
 
+pub mod gguf;
 pub mod llama;
 pub mod safetensors;
 

@@ -1,0 +1,300 @@
+//! llama.cpp GGUF files: the container (`reader`), ggml block types (`quant`), tensor names
+//! (`names`), and the adapter that presents a GGUF as an HF-named `TensorSource` plus an HF-style
+//! config.json, mirroring transformers' GGUF loader (`modeling_gguf_pytorch_utils`).
+
+pub mod names;
+pub mod quant;
+pub mod reader;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value as Json};
+
+use super::TensorSource;
+use crate::error::{Error, Result};
+use crate::tensor::{Buf, DType, Data, Tensor};
+pub use names::Permuted;
+pub use quant::GgmlType;
+pub use reader::{GgufFile, TensorInfo, Value};
+
+/// GGUF architectures kvgen maps, with the HF class each becomes.
+const ARCHS: &[(&str, &str, &str)] = &[
+    ("llama", "LlamaForCausalLM", "llama"),
+    ("mistral", "MistralForCausalLM", "mistral"),
+    ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+    ("qwen3", "Qwen3ForCausalLM", "qwen3"),
+];
+
+/// A GGUF file seen as an HF checkpoint: `get("model.layers.0.self_attn.q_proj.weight")`
+/// returns the dequantized f32 tensor in HF shape and row order.
+pub struct GgufSource {
+    pub file: Arc<GgufFile>,
+    /// Heads for undoing llama.cpp's Q/K permutation: Some((n_head, n_kv_head)) for llama-arch files.
+    permute_heads: Option<(usize, usize)>,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<GgufSource> {
+        Self::new(Arc::new(GgufFile::open(path)?))
+    }
+
+    pub fn new(file: Arc<GgufFile>) -> Result<GgufSource> {
+        let arch = file.architecture()?.to_string();
+        // llama.cpp permutes Q/K rows only in its llama converter (transformers' TENSOR_PROCESSORS).
+        let permute_heads = if arch == "llama" {
+            let heads = file
+                .get(&format!("{arch}.attention.head_count"))
+                .and_then(Value::as_u64);
+            let kv = file
+                .get(&format!("{arch}.attention.head_count_kv"))
+                .and_then(Value::as_u64)
+                .or(heads);
+            match (heads, kv) {
+                (Some(h), Some(k)) => Some((h as usize, k as usize)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        Ok(GgufSource {
+            file,
+            permute_heads,
+        })
+    }
+
+    /// The stored (possibly quantized) bytes of the tensor behind an HF name, with its ggml type
+    /// and HF shape. Rows of Q/K in llama files are still in llama.cpp's permuted order.
+    pub fn raw(&self, hf_name: &str) -> Option<(GgmlType, Vec<usize>, &[u8])> {
+        let (g, _) = names::gguf_name(hf_name)?;
+        let t = self.file.tensor(&g)?;
+        Some((t.kind, t.shape(), self.file.tensor_bytes(t)))
+    }
+
+    /// Dequantizes one GGUF tensor (by its GGUF name) to f32, in file order.
+    pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
+        if !t.kind.can_dequantize() {
+            return Err(Error::bad_file(
+                &self.file.path,
+                format!(
+                    "tensor `{}` is stored as {}, which kvgen does not read; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K",
+                    t.name,
+                    t.kind.name()
+                ),
+            ));
+        }
+        let n = usize::try_from(t.n_elements()).map_err(|_| {
+            Error::bad_file(&self.file.path, format!("tensor `{}` is too large", t.name))
+        })?;
+        quant::dequantize(t.kind, self.file.tensor_bytes(t), n).ok_or_else(|| {
+            Error::bad_file(
+                &self.file.path,
+                format!(
+                    "tensor `{}`: size does not match its type {}",
+                    t.name,
+                    t.kind.name()
+                ),
+            )
+        })
+    }
+
+    /// An HF-style config.json for this file (see `config_json`).
+    pub fn config_json(&self) -> Result<Json> {
+        config_json(&self.file)
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn contains(&self, name: &str) -> bool {
+        names::gguf_name(name).is_some_and(|(g, _)| self.file.tensor(&g).is_some())
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let (g, perm) = names::gguf_name(name).ok_or_else(|| {
+            Error::bad_file(
+                &self.file.path,
+                format!("no GGUF tensor corresponds to `{name}`"),
+            )
+        })?;
+        let t = self.file.tensor(&g).ok_or_else(|| {
+            Error::bad_file(
+                &self.file.path,
+                format!("GGUF file lacks tensor `{g}` (for `{name}`)"),
+            )
+        })?;
+        let shape = t.shape();
+        let mut v = self.dequantize(t)?;
+        if let (Some((heads, kv)), true) = (self.permute_heads, perm != Permuted::No) {
+            let n_head = if perm == Permuted::Query { heads } else { kv };
+            let rows = shape.first().copied().unwrap_or(0);
+            let cols = v.len().checked_div(rows).unwrap_or(0);
+            v = names::reverse_permute(&v, rows, cols, n_head).ok_or_else(|| {
+                Error::bad_file(
+                    &self.file.path,
+                    format!("tensor `{g}` has {rows} rows, not a multiple of 2 x {n_head} heads"),
+                )
+            })?;
+        }
+        Ok(Tensor {
+            shape,
+            data: Data::F32(Buf::Owned(v)),
+        })
+    }
+
+    /// Always F32: the dequantized form (dtype="auto" dequantizes to f32 for now).
+    fn dominant_dtype(&self) -> Option<DType> {
+        Some(DType::F32)
+    }
+}
+
+/// Maps GGUF hyperparameters to an HF config.json (what transformers' `load_gguf_checkpoint`
+/// builds for the same file), ready for `ModelConfig::from_json`.
+pub fn config_json(file: &GgufFile) -> Result<Json> {
+    let arch = file.architecture()?;
+    let Some(&(_, hf_class, model_type)) = ARCHS.iter().find(|(a, _, _)| *a == arch) else {
+        return Err(Error::UnsupportedArchitecture {
+            found: format!("GGUF general.architecture={arch:?}"),
+            supported: ARCHS
+                .iter()
+                .map(|(a, _, _)| *a)
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let key = |k: &str| file.get(&format!("{arch}.{k}"));
+    let need = |k: &str| {
+        key(k).and_then(Value::as_u64).ok_or_else(|| {
+            Error::bad_file(
+                &file.path,
+                format!("GGUF metadata lacks the integer `{arch}.{k}`"),
+            )
+        })
+    };
+    let hidden = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let mut c = Map::new();
+    c.insert("architectures".into(), json!([hf_class]));
+    c.insert("model_type".into(), json!(model_type));
+    c.insert("hidden_size".into(), json!(hidden));
+    c.insert(
+        "intermediate_size".into(),
+        json!(need("feed_forward_length")?),
+    );
+    c.insert("num_hidden_layers".into(), json!(need("block_count")?));
+    c.insert("num_attention_heads".into(), json!(heads));
+    c.insert(
+        "num_key_value_heads".into(),
+        json!(key("attention.head_count_kv")
+            .and_then(Value::as_u64)
+            .unwrap_or(heads)),
+    );
+    // key_length is the head width when stated; llama files state it as the rope width.
+    let head_dim = key("attention.key_length")
+        .or_else(|| {
+            if arch == "llama" || arch == "mistral" {
+                key("rope.dimension_count")
+            } else {
+                None
+            }
+        })
+        .and_then(Value::as_u64);
+    if let Some(hd) = head_dim {
+        c.insert("head_dim".into(), json!(hd));
+    }
+    if let Some(ctx) = key("context_length").and_then(Value::as_u64) {
+        c.insert("max_position_embeddings".into(), json!(ctx));
+    }
+    if let Some(eps) = key("attention.layer_norm_rms_epsilon") {
+        c.insert("rms_norm_eps".into(), eps.to_json());
+    }
+    let theta = key("rope.freq_base")
+        .map(Value::to_json)
+        .unwrap_or(json!(10000.0));
+    let mut rope = Map::new();
+    rope.insert("rope_theta".into(), theta);
+    match key("rope.scaling.type").and_then(Value::as_str) {
+        None | Some("none") => {
+            rope.insert("rope_type".into(), json!("default"));
+        }
+        Some(kind) => {
+            // "linear" maps 1:1; other kinds reach ModelConfig, which names what it supports.
+            rope.insert("rope_type".into(), json!(kind));
+            if let Some(f) = key("rope.scaling.factor") {
+                rope.insert("factor".into(), f.to_json());
+            }
+            if let Some(o) = key("rope.scaling.original_context_length") {
+                rope.insert("original_max_position_embeddings".into(), o.to_json());
+            }
+        }
+    }
+    c.insert("rope_parameters".into(), Json::Object(rope));
+    let vocab = key("vocab_size")
+        .and_then(Value::as_u64)
+        .or_else(|| {
+            file.get("tokenizer.ggml.tokens")
+                .and_then(Value::as_array)
+                .map(|a| a.len() as u64)
+        })
+        .or_else(|| {
+            file.tensor("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+        })
+        .ok_or_else(|| {
+            Error::bad_file(
+                &file.path,
+                "cannot tell the vocabulary size: no vocab_size, tokens or token_embd.weight",
+            )
+        })?;
+    c.insert("vocab_size".into(), json!(vocab));
+    c.insert(
+        "tie_word_embeddings".into(),
+        json!(file.tensor("output.weight").is_none()),
+    );
+    if arch == "llama" || arch == "mistral" || arch == "qwen3" {
+        // llama.cpp stores the biases when the HF model had them.
+        c.insert(
+            "attention_bias".into(),
+            json!(file.tensor("blk.0.attn_q.bias").is_some()),
+        );
+        c.insert(
+            "mlp_bias".into(),
+            json!(file.tensor("blk.0.ffn_up.bias").is_some()),
+        );
+    }
+    if let Some(w) = key("attention.sliding_window").and_then(Value::as_u64) {
+        c.insert("sliding_window".into(), json!(w));
+    }
+    for (gguf, hf) in [
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("unknown_token_id", "unk_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = file
+            .get(&format!("tokenizer.ggml.{gguf}"))
+            .and_then(Value::as_u64)
+        {
+            c.insert(hf.into(), json!(id));
+        }
+    }
+    c.insert("dtype".into(), json!("float32"));
+    if let Some(name) = file.get("general.name").and_then(Value::as_str) {
+        c.insert("_model_name_or_path".into(), json!(name));
+    }
+    Ok(Json::Object(c))
+}
+
+/// generation_config.json equivalent: transformers' `GenerationConfig.from_model_config` keeps
+/// the special token ids of the config.
+pub fn generation_config_json(config: &Json) -> Json {
+    let mut g = Map::new();
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config.get(k) {
+            g.insert(k.into(), v.clone());
+        }
+    }
+    Json::Object(g)
+}
+
+#[cfg(test)]
+mod tests;

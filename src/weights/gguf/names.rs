@@ -1,0 +1,118 @@
+//! llama.cpp tensor names <-> the HF names `weights::llama::load` asks for.
+
+/// `(hf_suffix, gguf_suffix)` inside a layer: `model.layers.N.{hf}` <-> `blk.N.{gguf}`.
+const LAYER: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.o_proj.bias", "attn_output.bias"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("mlp.gate_proj.bias", "ffn_gate.bias"),
+    ("mlp.up_proj.bias", "ffn_up.bias"),
+    ("mlp.down_proj.bias", "ffn_down.bias"),
+];
+
+const GLOBAL: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Which rows a llama.cpp converter permuted (Q and K of llama-arch files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permuted {
+    No,
+    Query,
+    Key,
+}
+
+/// The GGUF name for an HF name, and whether its rows carry llama.cpp's Q/K permutation
+/// (the caller decides whether the architecture applies it).
+pub fn gguf_name(hf: &str) -> Option<(String, Permuted)> {
+    if let Some((_, g)) = GLOBAL.iter().find(|(h, _)| *h == hf) {
+        return Some((g.to_string(), Permuted::No));
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (idx, suffix) = rest.split_once('.')?;
+    let layer: usize = idx.parse().ok()?;
+    let (_, g) = LAYER.iter().find(|(h, _)| *h == suffix)?;
+    let perm = match *g {
+        "attn_q.weight" | "attn_q.bias" => Permuted::Query,
+        "attn_k.weight" | "attn_k.bias" => Permuted::Key,
+        _ => Permuted::No,
+    };
+    Some((format!("blk.{layer}.{g}"), perm))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)` on the leading (row) axis: `rows` rows of `cols`
+/// values each, grouped per head as (2, dim/2) -> (dim/2, 2) interleaved; as transformers'
+/// `LlamaTensorProcessor._reverse_permute_weights` (reshape(n_head, dim, 2, ...).swapaxes(1, 2)).
+pub fn reverse_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
+    if n_head == 0 || rows % (2 * n_head) != 0 || w.len() != rows * cols {
+        return None;
+    }
+    let dim = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for a in 0..2 {
+            for b in 0..dim {
+                let dst = h * 2 * dim + a * dim + b;
+                let src = h * 2 * dim + b * 2 + a;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.weight"),
+            Some(("blk.12.attn_q.weight".into(), Permuted::Query))
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight"),
+            Some(("blk.0.ffn_down.weight".into(), Permuted::No))
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight"),
+            Some(("output.weight".into(), Permuted::No))
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+    }
+
+    #[test]
+    fn reverse_permute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, dim, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (n_head, dim, cols) = (3usize, 4usize, 2usize);
+        let rows = n_head * 2 * dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut gg = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for a in 0..2 {
+                for b in 0..dim {
+                    let src = h * 2 * dim + a * dim + b; // hf row (h, a, b)
+                    let dst = h * 2 * dim + b * 2 + a; // permuted row (h, b, a)
+                    gg[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(reverse_permute(&gg, rows, cols, n_head).unwrap(), hf);
+    }
+}
