@@ -70,7 +70,8 @@ impl Engine {
     }
 
     /// A llama.cpp GGUF file: config from its metadata, tokenizer from `tokenizer.ggml.*`, weights
-    /// dequantized to `dtype` ("auto" = float32 for now; see `gguf_weights`).
+    /// dequantized to `dtype`, or with dtype="auto" block-quantized matrices kept as stored
+    /// (the quantized kernels compute on them; other tensors become f32).
     fn load_gguf(path: &Path, dtype: Option<DType>) -> Result<Engine> {
         let source = GgufSource::open(path)?;
         let raw = source.config_json()?;
@@ -79,7 +80,10 @@ impl Engine {
             Error::InvalidInput(m) => Error::bad_file(path, m),
             other => other,
         })?;
+        // "auto" keeps the quantized blocks and computes on them; an explicit dtype dequantizes.
+        let quantized = dtype.is_none();
         let dtype = dtype.unwrap_or(DType::F32);
+        let source = if quantized { source.keeping_quantized() } else { source };
         let weights = Self::gguf_weights(&source, &config, dtype)?;
         let model = Arc::new(LlamaModel::new(config.clone(), weights));
         let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
@@ -87,8 +91,8 @@ impl Engine {
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
     }
 
-    /// The one place GGUF weights become float matrices: every tensor dequantized to f32, then
-    /// rounded to `dtype`. The quantized path will replace this for dtype="auto".
+    /// The one place GGUF weights become matrices: quantized ones kept when `source` keeps them
+    /// (`Data::Quant` counts as F32, so it passes through), the rest dequantized and rounded to `dtype`.
     fn gguf_weights(source: &GgufSource, config: &ModelConfig, dtype: DType) -> Result<crate::model::llama::LlamaWeights> {
         crate::weights::llama::load(source, config, dtype)
     }

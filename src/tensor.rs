@@ -1,10 +1,13 @@
-//! Weight storage: owned or memory-mapped slices of f32 / bf16 / f16, and 2-D matrices over them.
+//! Weight storage: owned or memory-mapped slices of f32 / bf16 / f16 or of ggml quantized blocks,
+//! and 2-D matrices over them.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+
+pub use crate::weights::gguf::quant::GgmlType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -43,6 +46,13 @@ impl Element for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+}
+/// Raw bytes (ggml quantized blocks); `to_f32` is never used for them.
+impl Element for u8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 impl Element for f16 {
@@ -97,22 +107,42 @@ pub enum Data {
     F32(Buf<f32>),
     BF16(Buf<bf16>),
     F16(Buf<f16>),
+    /// ggml blocks of a row-major tensor as stored in a GGUF file (`kind` is a block-quantized
+    /// type, see `quant_kernel_supports`); the kernels compute on them directly.
+    Quant { kind: GgmlType, bytes: Buf<u8> },
+}
+
+/// Block types the quantized kernels compute on (every row a whole number of blocks).
+pub fn quant_kernel_supports(kind: GgmlType) -> bool {
+    matches!(
+        kind,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K
+    )
 }
 
 impl Data {
+    /// The storage dtype; quantized data reports F32, the dtype it computes and returns in.
     pub fn dtype(&self) -> DType {
         match self {
-            Data::F32(_) => DType::F32,
+            Data::F32(_) | Data::Quant { .. } => DType::F32,
             Data::BF16(_) => DType::BF16,
             Data::F16(_) => DType::F16,
         }
     }
+    /// Number of elements (for quantized data: whole blocks times the block size).
     pub fn len(&self) -> usize {
         match self {
             Data::F32(b) => b.len(),
             Data::BF16(b) => b.len(),
             Data::F16(b) => b.len(),
+            Data::Quant { kind, bytes } => match kind.type_size() {
+                0 => 0,
+                ts => bytes.len() / ts * kind.block_size(),
+            },
         }
+    }
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Data::Quant { .. })
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -122,9 +152,16 @@ impl Data {
             Data::F32(b) => b.to_vec(),
             Data::BF16(b) => b.iter().map(|x| x.to_f32()).collect(),
             Data::F16(b) => b.iter().map(|x| x.to_f32()).collect(),
+            // Dequantizes everything: for vectors and tests, never for the matrices of a model.
+            Data::Quant { kind, bytes } => {
+                let mut v = vec![0f32; self.len()];
+                crate::weights::gguf::quant::dequantize_into(*kind, bytes, &mut v);
+                v
+            }
         }
     }
-    /// Converts to `dtype`; a no-op (no copy) when it already has it.
+    /// Converts to `dtype`; a no-op (no copy) when it already has it. Quantized data counts as
+    /// F32 (what it computes in), so it stays quantized for F32 and is dequantized otherwise.
     pub fn into_dtype(self, dtype: DType) -> Data {
         if self.dtype() == dtype {
             return self;
@@ -162,6 +199,14 @@ impl Matrix {
             Data::F32(x) => out.copy_from_slice(&x[a..b]),
             Data::BF16(x) => out.iter_mut().zip(&x[a..b]).for_each(|(o, v)| *o = v.to_f32()),
             Data::F16(x) => out.iter_mut().zip(&x[a..b]).for_each(|(o, v)| *o = v.to_f32()),
+            Data::Quant { kind, bytes } => {
+                // Rows are whole blocks (checked at load), so row r is its own byte range.
+                let bs = kind.block_size().max(1);
+                let rb = self.cols / bs * kind.type_size();
+                if let Some(src) = bytes.get(r * rb..(r + 1) * rb) {
+                    crate::weights::gguf::quant::dequantize_into(*kind, src, out);
+                }
+            }
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct GgufSource {
     pub file: Arc<GgufFile>,
     /// Heads for undoing llama.cpp's Q/K permutation: Some((n_head, n_kv_head)) for llama-arch files.
     permute_heads: Option<(usize, usize)>,
+    /// `get` returns block-quantized matrices as `Data::Quant` (zero copy) instead of f32.
+    keep_quantized: bool,
 }
 
 impl GgufSource {
@@ -60,7 +62,15 @@ impl GgufSource {
         Ok(GgufSource {
             file,
             permute_heads,
+            keep_quantized: false,
         })
+    }
+
+    /// This source with quantized matrices kept as stored (dtype="auto"): `get` then returns
+    /// `Data::Quant` for 2-D tensors of a type the quantized kernels compute on.
+    pub fn keeping_quantized(mut self) -> GgufSource {
+        self.keep_quantized = true;
+        self
     }
 
     /// The stored (possibly quantized) bytes of the tensor behind an HF name, with its ggml type
@@ -123,6 +133,9 @@ impl TensorSource for GgufSource {
             )
         })?;
         let shape = t.shape();
+        if self.keep_quantized && shape.len() == 2 && crate::tensor::quant_kernel_supports(t.kind) {
+            return self.get_quantized(t, shape, perm);
+        }
         let mut v = self.dequantize(t)?;
         if let (Some((heads, kv)), true) = (self.permute_heads, perm != Permuted::No) {
             let n_head = if perm == Permuted::Query { heads } else { kv };
@@ -144,6 +157,42 @@ impl TensorSource for GgufSource {
     /// Always F32: the dequantized form (dtype="auto" dequantizes to f32 for now).
     fn dominant_dtype(&self) -> Option<DType> {
         Some(DType::F32)
+    }
+}
+
+impl GgufSource {
+    /// The stored blocks of a 2-D tensor: a view into the map, or for llama.cpp-permuted Q/K an
+    /// owned copy with whole rows put back in HF order (a row is whole blocks, so rows move as bytes).
+    fn get_quantized(&self, t: &TensorInfo, shape: Vec<usize>, perm: Permuted) -> Result<Tensor> {
+        let (rows, cols) = (shape[0], shape[1]);
+        let bs = t.kind.block_size();
+        let rb = (bs != 0 && cols % bs == 0)
+            .then(|| cols / bs * t.kind.type_size())
+            .filter(|&rb| rb * rows == t.n_bytes)
+            .ok_or_else(|| Error::bad_file(&self.file.path, format!("tensor `{}`: size does not match its type {}", t.name, t.kind.name())))?;
+        let bytes = match (self.permute_heads, perm) {
+            (Some((heads, kv)), Permuted::Query | Permuted::Key) => {
+                let n_head = if perm == Permuted::Query { heads } else { kv };
+                if n_head == 0 || rows % (2 * n_head) != 0 {
+                    return Err(Error::bad_file(&self.file.path, format!("tensor `{}` has {rows} rows, not a multiple of 2 x {n_head} heads", t.name)));
+                }
+                let src = self.file.tensor_bytes(t);
+                let dim = rows / n_head / 2;
+                let mut out = vec![0u8; src.len()];
+                for h in 0..n_head {
+                    for a in 0..2 {
+                        for b in 0..dim {
+                            // As `names::reverse_permute`: HF row (h, a, b) is stored row (h, b, a).
+                            let (dst, s) = (h * 2 * dim + a * dim + b, h * 2 * dim + b * 2 + a);
+                            out[dst * rb..(dst + 1) * rb].copy_from_slice(&src[s * rb..(s + 1) * rb]);
+                        }
+                    }
+                }
+                Buf::Owned(out)
+            }
+            _ => Buf::from_mmap(self.file.mmap(), t.offset, t.n_bytes),
+        };
+        Ok(Tensor { shape, data: Data::Quant { kind: t.kind, bytes } })
     }
 }
 

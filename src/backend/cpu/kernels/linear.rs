@@ -10,8 +10,9 @@ use rayon::prelude::*;
 
 use super::dot::dot_scalar;
 use super::activation::silu_mul_one;
+use super::quant::{self, QActs};
 use super::{use_avx2, use_avx512vl, SendPtr};
-use crate::tensor::{Data, Matrix};
+use crate::tensor::{quant_kernel_supports, Data, Matrix};
 
 /// Below this many multiply-adds the call runs on the calling thread (fork cost dominates).
 const PAR_MIN_MACS: usize = 1 << 15;
@@ -98,7 +99,13 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     let mut jobs: Vec<Job> = Vec::with_capacity(projs.len());
     for p in projs.iter_mut() {
         let (rows, c) = (p.w.rows, p.w.cols);
+        // Quantized rows must be whole blocks of a type the kernels know.
+        let quant_ok = match &p.w.data {
+            Data::Quant { kind, .. } => quant_kernel_supports(*kind) && c % kind.block_size() == 0,
+            _ => true,
+        };
         let ok = c == cols
+            && quant_ok
             && p.w.data.len() >= rows * c
             && p.out.len() >= n * rows
             && p.bias.map_or(true, |b| b.len() >= rows);
@@ -135,6 +142,9 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     };
     #[cfg(not(target_arch = "x86_64"))]
     let xp: &[f32] = x;
+    // Quantized weights: x quantized once per call, shared by every chunk and projection.
+    let qx = if jobs.iter().any(|j| j.w.data.is_quantized()) { Some(quant::quantize_acts(x, n, cols)) } else { None };
+    let qx = qx.as_ref();
     let jobs = &jobs[..];
     let run = |c: usize| {
         let g0 = c * per;
@@ -145,7 +155,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
         if let Some(inter) = gated {
             for j in jobs {
                 // SAFETY: buffers checked above; chunks cover disjoint columns [g0, g1).
-                unsafe { chunk_dyn(avx, x, xp, n, j, g0, g1) }
+                unsafe { chunk_dyn(avx, x, xp, qx, n, j, g0, g1) }
             }
             let (g, u) = (jobs[0].out.get(), jobs[1].out.get());
             for r in 0..n {
@@ -166,7 +176,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
             let (o0, o1) = (g0.max(base), g1.min(base + rows));
             if o0 < o1 {
                 // SAFETY: buffers checked above; chunks cover disjoint output columns.
-                unsafe { chunk_dyn(avx, x, xp, n, j, o0 - base, o1 - base) }
+                unsafe { chunk_dyn(avx, x, xp, qx, n, j, o0 - base, o1 - base) }
             }
             base += rows;
         }
@@ -178,16 +188,23 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     }
 }
 
-/// Columns [o0, o1) of one projection; `xp` is x permuted for bf16 (or x itself).
+/// Columns [o0, o1) of one projection; `xp` is x permuted for bf16 (or x itself), `qx` x
+/// quantized (Some whenever a job is quantized).
 ///
 /// SAFETY: as for `chunk`.
 #[inline]
-unsafe fn chunk_dyn(avx: bool, x: &[f32], xp: &[f32], n: usize, j: &Job, o0: usize, o1: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_dyn(avx: bool, x: &[f32], xp: &[f32], qx: Option<&QActs>, n: usize, j: &Job, o0: usize, o1: usize) {
     let (rows, cols, out) = (j.w.rows, j.w.cols, j.out.get());
     match &j.w.data {
         Data::F32(b) => chunk_x(avx, x, xp, n, &b[..], rows, cols, o0, o1, j.bias, out),
         Data::BF16(b) => chunk_x(avx, x, xp, n, &b[..], rows, cols, o0, o1, j.bias, out),
         Data::F16(b) => chunk_x(avx, x, xp, n, &b[..], rows, cols, o0, o1, j.bias, out),
+        Data::Quant { kind, bytes } => {
+            if let Some(qx) = qx {
+                quant::chunk(avx, *kind, bytes, qx, n, rows, cols, o0, o1, j.bias, out)
+            }
+        }
     }
 }
 

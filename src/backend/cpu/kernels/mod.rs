@@ -11,6 +11,7 @@ mod attention;
 mod dot;
 mod linear;
 mod norm;
+mod quant;
 mod rope;
 
 pub use activation::silu_mul;
