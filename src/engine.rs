@@ -35,7 +35,9 @@ pub fn parse_dtype(name: &str) -> Result<Option<DType>> {
 }
 
 impl Engine {
-    pub fn load(name: &str, device: &str, dtype: &str) -> Result<Engine> {
+    /// Loads a model directory, a .gguf file or a cached hub id; `progress(done, total)` reports
+    /// the weights loaded so far.
+    pub fn load(name: &str, device: &str, dtype: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
         let dtype = parse_dtype(dtype)?;
         if device != "cpu" {
             return Err(Error::BackendUnavailable(format!(
@@ -45,14 +47,14 @@ impl Engine {
         let path = crate::resolve::resolve_model(name)?;
         if path.is_file() {
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-                return Self::load_gguf(&path, dtype);
+                return Self::load_gguf(&path, dtype, progress);
             }
             return Err(Error::invalid(format!(
                 "{} is a file; pass the model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file",
                 path.display()
             )));
         }
-        Self::load_dir(&path, dtype)
+        Self::load_dir(&path, dtype, progress)
     }
 
     /// Refuses prompt + new tokens beyond the trained context, except with dynamic NTK RoPE,
@@ -72,7 +74,7 @@ impl Engine {
     /// A llama.cpp GGUF file: config from its metadata, tokenizer from `tokenizer.ggml.*`, weights
     /// dequantized to `dtype`, or with dtype="auto" block-quantized matrices kept as stored
     /// (the quantized kernels compute on them; other tensors become f32).
-    fn load_gguf(path: &Path, dtype: Option<DType>) -> Result<Engine> {
+    fn load_gguf(path: &Path, dtype: Option<DType>, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
         let source = GgufSource::open(path)?;
         let raw = source.config_json()?;
         let generation_config = crate::weights::gguf::generation_config_json(&raw);
@@ -84,20 +86,16 @@ impl Engine {
         let quantized = dtype.is_none();
         let dtype = dtype.unwrap_or(DType::F32);
         let source = if quantized { source.keeping_quantized() } else { source };
-        let weights = Self::gguf_weights(&source, &config, dtype)?;
+        // The one place GGUF weights become matrices: quantized ones kept when `source` keeps
+        // them (`Data::Quant` counts as F32, so it passes through), the rest dequantized to `dtype`.
+        let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         let model = Arc::new(LlamaModel::new(config.clone(), weights));
         let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
         let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
     }
 
-    /// The one place GGUF weights become matrices: quantized ones kept when `source` keeps them
-    /// (`Data::Quant` counts as F32, so it passes through), the rest dequantized and rounded to `dtype`.
-    fn gguf_weights(source: &GgufSource, config: &ModelConfig, dtype: DType) -> Result<crate::model::llama::LlamaWeights> {
-        crate::weights::llama::load(source, config, dtype)
-    }
-
-    fn load_dir(dir: &Path, dtype: Option<DType>) -> Result<Engine> {
+    fn load_dir(dir: &Path, dtype: Option<DType>, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
             return Err(Error::NotFound {
@@ -108,7 +106,7 @@ impl Engine {
         let config = ModelConfig::from_file(&config_path)?;
         let source = SafetensorsSource::open_dir(dir)?;
         let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
-        let weights = crate::weights::llama::load(&source, &config, dtype)?;
+        let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         let model = Arc::new(LlamaModel::new(config.clone(), weights));
         let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
         let tokenizer = if dir.join("tokenizer.json").is_file() {

@@ -267,3 +267,36 @@ def test_generation_config_max_new_tokens_from_file(kvgen, model_dir, hf_tok, tm
     ref = hf_generate(hf, **e)
     assert ref.shape[1] == e["input_ids"].shape[1] + 7
     assert torch.equal(to_torch(gen.generate(**e)), ref)
+
+
+def test_progress_bar_only_on_a_terminal_for_large_files(tmp_path):
+    import io
+
+    from kvgen._progress import LARGE_BYTES, load_progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    big = tmp_path / "model.gguf"
+    with open(big, "wb") as f:
+        f.truncate(LARGE_BYTES + 1)
+    assert load_progress(str(big), io.StringIO()) is None, "no bar when not a terminal"
+    small = tmp_path / "small.gguf"
+    small.write_bytes(b"x")
+    assert load_progress(str(small), Tty()) is None, "no bar for small files"
+    out = Tty()
+    report = load_progress(str(big), out)
+    for i in range(4):
+        report(i, 3)
+    text = out.getvalue()
+    assert "Loading model.gguf" in text and "3/3" in text and text.endswith("s\n")
+
+
+def test_loading_reports_progress_to_the_callback(model_dir):
+    from kvgen import _kvgen
+
+    calls = []
+    _kvgen.Engine.load(str(model_dir("llama")), "cpu", "auto", lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1]
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

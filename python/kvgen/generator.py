@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _kvgen
 from ._inputs import PreparedInputs, prepare
+from ._progress import load_progress
 from .config import ModelConfig
 from .errors import InvalidInputError
 from .generation_config import GLOBAL_DEFAULTS, GenerationConfig
@@ -69,7 +70,9 @@ class Generator:
     def from_pretrained(
         cls, model: str, device: str = "cpu", dtype: str = "auto", tp_degree: int = 1, **kwargs: Any
     ) -> "Generator":
-        """Loads an HF model directory (or a hub id already in the local HF cache)."""
+        """Loads an HF model directory, a .gguf file, a packaged model by name
+        ("SmolLM2-135M-Instruct"), or a hub id already in the local HF cache. A progress bar is
+        drawn on stderr for large files when stderr is a terminal."""
         if kwargs:
             raise InvalidInputError(f"unknown from_pretrained arguments: {sorted(kwargs)}")
         if tp_degree != 1:
@@ -82,7 +85,8 @@ class Generator:
         name = os.fspath(model)
         name = models.packaged_model_path(name) or name
         try:
-            return cls(_kvgen.Engine.load(name, device, str(dtype).replace("torch.", "")))
+            progress = load_progress(name)
+            return cls(_kvgen.Engine.load(name, device, str(dtype).replace("torch.", ""), progress))
         except ModelNotFoundError as e:
             hint = models.install_hint(name)
             if hint is None:

@@ -93,9 +93,17 @@ fn matrix<'py>(py: Python<'py>, flat: Vec<f32>, rows: usize, cols: usize) -> PyR
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string()))]
-    fn load(py: Python<'_>, model: String, device: String, dtype: String) -> PyResult<Self> {
-        let engine = py.detach(|| guarded(|| Engine::load(&model, &device, &dtype))).py()?;
+    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None))]
+    fn load(py: Python<'_>, model: String, device: String, dtype: String, progress: Option<Py<PyAny>>) -> PyResult<Self> {
+        let mut report = |done: usize, total: usize| {
+            if let Some(cb) = &progress {
+                // A failing progress display must not fail the load.
+                Python::attach(|py| {
+                    let _ = cb.call1(py, (done, total));
+                });
+            }
+        };
+        let engine = py.detach(|| guarded(|| Engine::load(&model, &device, &dtype, &mut report))).py()?;
         Ok(PyEngine { inner: Arc::new(engine) })
     }
 

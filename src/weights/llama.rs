@@ -41,13 +41,21 @@ impl Loader<'_> {
     }
 }
 
-/// Loads every weight of a Llama-family checkpoint, converting matrices to `dtype` (no copy when equal).
-pub fn load(src: &dyn TensorSource, cfg: &ModelConfig, dtype: DType) -> Result<LlamaWeights> {
+/// Loads every weight of a Llama-family checkpoint, converting matrices to `dtype` (no copy when
+/// equal). `progress(done, total)` is called after each layer and at the end.
+pub fn load(
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+    dtype: DType,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlamaWeights> {
     let l = Loader { src, dtype };
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let total = cfg.num_hidden_layers + 1;
     for i in 0..cfg.num_hidden_layers {
+        progress(i, total);
         let p = format!("model.layers.{i}");
         let attn = format!("{p}.self_attn");
         let mlp = format!("{p}.mlp");
@@ -81,5 +89,7 @@ pub fn load(src: &dyn TensorSource, cfg: &ModelConfig, dtype: DType) -> Result<L
     } else {
         return Err(Error::invalid("checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false"));
     };
-    Ok(LlamaWeights { embed, layers, norm: l.vector("model.norm.weight", h)?, lm_head })
+    let norm = l.vector("model.norm.weight", h)?;
+    progress(total, total);
+    Ok(LlamaWeights { embed, layers, norm, lm_head })
 }
