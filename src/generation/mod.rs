@@ -1,5 +1,5 @@
 //! The decode loop, written once above the backend step: prefill, then one step per token for
-//! the whole batch, logits processing, greedy selection, stopping and streaming.
+//! the whole batch, logits processing, greedy or sampled selection, stopping and streaming.
 
 pub mod stopping;
 
