@@ -45,6 +45,8 @@ impl Rope {
                         let f = f as f64;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        // Written as transformers writes it: ~(wavelen < high) * ~(wavelen > low).
+                        #[allow(clippy::neg_cmp_op_on_partial_ord)]
                         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                         if medium {
                             let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)

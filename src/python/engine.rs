@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::generation::{self, GenerationParams, Prompt, StepObserver};
 use crate::sampling::config::ProcessorConfig;
 
+/// (new tokens, per-step scores, per-step raw logits) as numpy arrays.
+type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>);
+
 #[pyclass(name = "Engine", module = "kvgen._kvgen", frozen)]
 pub struct PyEngine {
     inner: Arc<Engine>,
@@ -157,7 +160,7 @@ impl PyEngine {
         output_logits: bool,
         seeds: Vec<(u64, u64)>,
         on_step: Option<Py<PyAny>>,
-    ) -> PyResult<(Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>)> {
+    ) -> PyResult<GenerateResult<'py>> {
         let vocab = self.inner.config.vocab_size;
         let (prompts, _) = prompts_from(&input_ids, &attention_mask, vocab)?;
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);

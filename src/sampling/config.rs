@@ -5,7 +5,7 @@ use serde::Deserialize;
 /// Settings for `processors::build`, already merged (user kwargs, generation_config, defaults) by
 /// the caller. Neutral values mean "processor not built", as in transformers'
 /// `_get_logits_processor`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ProcessorConfig {
     pub repetition_penalty: Option<f32>,
@@ -36,35 +36,4 @@ pub struct ProcessorConfig {
     pub renormalize_logits: bool,
     /// Padded prompt width (transformers' `input_ids_seq_length`).
     pub prompt_length: usize,
-}
-
-impl Default for ProcessorConfig {
-    fn default() -> Self {
-        ProcessorConfig {
-            repetition_penalty: None,
-            no_repeat_ngram_size: None,
-            bad_words_ids: None,
-            sequence_bias: None,
-            min_length: None,
-            min_new_tokens: None,
-            eos_token_id: Vec::new(),
-            forced_bos_token_id: None,
-            forced_eos_token_id: None,
-            max_length: None,
-            remove_invalid_values: false,
-            exponential_decay_length_penalty: None,
-            suppress_tokens: None,
-            begin_suppress_tokens: None,
-            do_sample: false,
-            temperature: None,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            typical_p: None,
-            epsilon_cutoff: None,
-            eta_cutoff: None,
-            renormalize_logits: false,
-            prompt_length: 0,
-        }
-    }
 }
