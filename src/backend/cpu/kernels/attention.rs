@@ -363,17 +363,10 @@ mod tests {
         outs
     }
 
-    fn paths() -> Vec<bool> {
-        if use_avx2() {
-            vec![false, true]
-        } else {
-            vec![false]
-        }
-    }
 
     #[test]
     fn attention_matches_reference() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for &hd in &[8usize, 33, 64] {
                 for &(start, n_tok) in &[(0usize, 1usize), (0, 7), (5, 3), (17, 1), (40, 30)] {
                     for window in [None, Some(1), Some(4), Some(16)] {
@@ -398,7 +391,7 @@ mod tests {
 
     #[test]
     fn attention_is_batch_invariant() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for window in [None, Some(5)] {
                 let hd = 64;
                 let a = case(hd, 200, 150, 1, 1);

@@ -103,9 +103,9 @@ mod avx {
         }
     }
 
-    /// Fixed-order horizontal sum of 8 lanes.
+    /// Fixed-order horizontal sum of 8 lanes (shared by the float and quantized kernels).
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));

@@ -461,17 +461,10 @@ mod tests {
         Matrix { rows, cols, data }
     }
 
-    fn paths() -> Vec<bool> {
-        if use_avx2() {
-            vec![false, true]
-        } else {
-            vec![false]
-        }
-    }
 
     #[test]
     fn linear_matches_f64_reference() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for dt in 0..3 {
                 for &cols in &[1usize, 7, 33, 64, 576] {
                     for &rows in &[1usize, 5, 13, 64] {
@@ -515,7 +508,7 @@ mod tests {
 
     #[test]
     fn linear_is_batch_invariant() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for dt in 0..3 {
                 for &(rows, cols) in &[(67usize, 576usize), (300, 33), (9, 7), (1536, 64)] {
                     let w = matrix(rows, cols, dt, 3);
@@ -582,7 +575,7 @@ mod tests {
 
     #[test]
     fn linear_many_and_gated_match_separate_calls() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for dt in 0..3 {
                 for &n in &[1usize, 2, 5, 8, 40] {
                     let cols = 72;

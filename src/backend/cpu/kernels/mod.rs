@@ -74,3 +74,13 @@ impl SendPtr {
         self.0
     }
 }
+
+/// The SIMD choices a test can exercise on this CPU: scalar always, AVX2 when present.
+#[cfg(test)]
+pub(crate) fn test_paths() -> Vec<bool> {
+    if use_avx2() {
+        vec![false, true]
+    } else {
+        vec![false]
+    }
+}

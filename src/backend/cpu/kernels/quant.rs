@@ -237,6 +237,7 @@ pub(super) unsafe fn chunk(
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::dot::hsum;
     use super::{decode, has_min, QActs, QB};
     use crate::tensor::GgmlType;
 
@@ -384,14 +385,6 @@ mod avx2 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
-        _mm_cvtss_f32(s1)
-    }
-
     /// Dots of x rows [r0, r0+R) with weight rows [o, o+W), written to out (+ bias).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -502,13 +495,6 @@ mod tests {
         Matrix { rows, cols, data: Data::Quant { kind, bytes: Buf::Owned(bytes) } }
     }
 
-    fn paths() -> Vec<bool> {
-        if use_avx2() {
-            vec![false, true]
-        } else {
-            vec![false]
-        }
-    }
 
     fn run(avx: bool, x: &[f32], n: usize, w: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
         let mut out = vec![f32::NAN; n * w.rows];
@@ -542,7 +528,7 @@ mod tests {
     /// sum |w| * d_x / 2 (round to nearest), plus f32 rounding.
     #[test]
     fn quant_linear_matches_dequantized_reference() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for kind in KINDS {
                 let (rows, cols) = (37, 512);
                 let w = qmatrix(kind, rows, cols, 7);
@@ -589,7 +575,7 @@ mod tests {
 
     #[test]
     fn quant_linear_is_batch_invariant() {
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             for kind in KINDS {
                 let (rows, cols) = (67, 768);
                 let w = qmatrix(kind, rows, cols, 13);
@@ -665,7 +651,7 @@ mod tests {
         let w = qmatrix(GgmlType::Q8_0, 8, 64, 1);
         let mut x = vals(64, 1);
         x[5] = f32::NAN;
-        for &avx in &paths() {
+        for &avx in &super::super::test_paths() {
             assert!(run(avx, &x, 1, &w, None).iter().all(|v| v.is_nan()));
         }
     }
