@@ -3,7 +3,6 @@
 //! Sequences in a step are packed row-wise: every linear layer runs once over all new tokens of
 //! all sequences, attention runs per sequence against its own KV cache.
 
-use rayon::prelude::*;
 
 use crate::backend::cpu::cache::KvCache;
 use crate::backend::cpu::kernels::{self, AttnSeq, Proj};
@@ -72,13 +71,6 @@ impl LlamaModel {
     /// returns logits (row-major, vocab wide) for the last token of each sequence, or for every
     /// token when `all_positions`.
     pub fn forward(&self, seqs: &mut [SeqBatchItem], all_positions: bool) -> Result<Vec<f32>> {
-        // Run the whole step on a pool worker: each of the ~200 parallel kernels per step then
-        // forks from inside the pool, instead of a non-worker caller injecting a job and sleeping
-        // on a latch every time (two futex round trips per kernel).
-        rayon::scope(|_| self.forward_in_pool(seqs, all_positions))
-    }
-
-    fn forward_in_pool(&self, seqs: &mut [SeqBatchItem], all_positions: bool) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -212,9 +204,9 @@ impl LlamaModel {
         // Final norm and lm_head only on the rows whose logits are wanted.
         let rows: Vec<usize> = if all_positions { (0..n).collect() } else { offsets[1..].iter().map(|o| o - 1).collect() };
         let mut hidden = vec![0f32; rows.len() * h];
-        hidden.par_chunks_mut(h).zip(rows.par_iter()).for_each(|(dst, &r)| {
+        for (dst, &r) in hidden.chunks_mut(h).zip(&rows) {
             kernels::rms_norm(&x[r * h..(r + 1) * h], &self.weights.norm, eps, dst);
-        });
+        }
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         let mut logits = vec![0f32; rows.len() * cfg.vocab_size];
         kernels::linear(&hidden, rows.len(), head, None, &mut logits);

@@ -4,7 +4,6 @@
 //! sequence's data and uses fixed-order arithmetic, so a sequence's output does not depend on
 //! which other sequences share the call (batch invariant).
 
-use rayon::prelude::*;
 
 use super::dot::dot_scalar;
 use super::{use_avx2, SendPtr};
@@ -137,7 +136,7 @@ pub(super) fn attention_with(
     if macs < PAR_MIN_MACS || rayon::current_num_threads() <= 1 {
         (0..n_jobs).for_each(run);
     } else {
-        (0..n_jobs).into_par_iter().with_max_len(1).for_each(run);
+        super::team::run(n_jobs, &run);
     }
 }
 

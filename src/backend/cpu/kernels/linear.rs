@@ -1,12 +1,10 @@
 //! `linear`: out = x * w^T (+ bias), the matrix-vector / matrix-matrix product of every projection.
 //!
-//! Work split: output features (w rows) are cut into one contiguous chunk per rayon thread, with a
-//! single parallel fork per call. Inside a chunk, x rows are taken in tiles that fit in L2 and
+//! Work split: output features (w rows) are cut into one contiguous chunk per thread, with a
+//! single fork on the worker team (`team.rs`) per call. Inside a chunk, x rows are taken in tiles that fit in L2 and
 //! weight rows in groups of W, each group applied to R x rows at a time, so for decode (small n)
 //! every weight row is streamed from memory once per call. The tiling only decides which dots run
 //! together; each output element is always the same `dot::block` arithmetic (batch invariant).
-
-use rayon::prelude::*;
 
 use super::dot::dot_scalar;
 use super::activation::silu_mul_one;
@@ -184,7 +182,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     if chunks == 1 {
         run(0)
     } else {
-        (0..chunks).into_par_iter().with_max_len(1).for_each(run);
+        super::team::run(chunks, &run);
     }
 }
 
@@ -674,3 +672,4 @@ mod tests {
         });
     }
 }
+

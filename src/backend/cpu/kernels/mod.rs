@@ -13,6 +13,7 @@ mod linear;
 mod norm;
 mod quant;
 mod rope;
+mod team;
 
 pub use activation::silu_mul;
 pub use attention::{attention, AttnSeq};
