@@ -5,13 +5,17 @@ intermediate 1536, vocab 49152, tied embeddings). Usage:
 
     python benches/bench_decode.py [--threads 2] [--repeats 3] [--new-tokens 64] [--out rows.md]
 
-Each figure is the median of `--repeats` runs. Prints markdown rows for BENCHMARKS.md.
+Each figure is the median of `--repeats` runs. The two engines alternate run by run, each run in a
+fresh process, so that both see the same machine load (this VM's memory bandwidth drifts by +-15%
+over minutes) and neither sees the other's idle thread pools. Prints markdown rows for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import platform
 import statistics
 import sys
@@ -73,9 +77,23 @@ def time_kvgen(model_dir: Path, dtype: str, batch: int, prompt_len: int, new_tok
     return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
-def median_of(fn, repeats: int):
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+def run_once(engine: str, model_dir: Path, dtype: str, batch: int, args) -> tuple[float, float]:
+    """One timed run in a fresh interpreter; returns (ttft s, decode tok/s)."""
+    cmd = [sys.executable, __file__, "--one", engine, str(model_dir), dtype, str(batch),
+           "--threads", str(args.threads), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    ttft, tps = json.loads(out.strip().splitlines()[-1])
+    return ttft, tps
+
+
+def one(argv: list[str], args) -> None:
+    engine, model_dir, dtype, batch = argv
+    if engine == "transformers":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fn = time_transformers if engine == "transformers" else time_kvgen
+    print(json.dumps(fn(Path(model_dir), dtype, int(batch), args.prompt_len, args.new_tokens)))
 
 
 def main() -> None:
@@ -88,27 +106,31 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--cache", default=".bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.one:
+        return one(args.one, args)
     cache = Path(args.cache)
     cache.mkdir(exist_ok=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     header = (
         f"\n### {time.strftime('%Y-%m-%d')} — {cpu}, {args.threads} threads, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, median of {args.repeats}\n\n"
+        f"{args.new_tokens} new tokens, median of {args.repeats} alternating runs\n\n"
         "| model | dtype | batch | engine | decode tok/s | TTFT ms | speed-up |\n|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for dtype in args.dtypes.split(","):
         model_dir = build_model(cache, dtype)
         for batch in (int(b) for b in args.batches.split(",")):
-            hf = median_of(lambda: time_transformers(model_dir, dtype, batch, args.prompt_len, args.new_tokens), args.repeats)
-            kv = median_of(lambda: time_kvgen(model_dir, dtype, batch, args.prompt_len, args.new_tokens), args.repeats)
-            ratio = kv[1] / hf[1]
+            runs = {"transformers": [], "kvgen": []}
+            for _ in range(args.repeats):
+                for engine in runs:
+                    runs[engine].append(run_once(engine, model_dir, dtype, batch, args))
+            hf, kv = ([statistics.median(r[i] for r in runs[e]) for i in (0, 1)] for e in ("transformers", "kvgen"))
+            # Each kvgen run is compared with the transformers run just before it.
+            ratio = statistics.median(k[1] / h[1] for h, k in zip(runs["transformers"], runs["kvgen"]))
             rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | transformers {__import__('transformers').__version__} | {hf[1]:.1f} | {hf[0]*1e3:.0f} | 1.00x |")
             rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | kvgen | {kv[1]:.1f} | {kv[0]*1e3:.0f} | {ratio:.2f}x |")
             print(rows[-2] + "\n" + rows[-1], flush=True)
