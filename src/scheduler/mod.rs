@@ -9,6 +9,7 @@
 
 pub mod link;
 mod stats;
+mod trim;
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -261,6 +262,10 @@ impl Worker {
             if !running.is_empty() {
                 running = self.step(running);
                 self.count_down_to_pause();
+                if running.is_empty() && waiting.is_empty() {
+                    self.publish(&waiting, &running);
+                    trim::return_freed_memory();
+                }
             }
         }
     }
