@@ -46,6 +46,11 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    /// The caller cancelled the request (a dropped handle, a cancelled asyncio task, a closed
+    /// stream or a disconnected HTTP client); its cache slots are already free.
+    #[error("the generation request was cancelled")]
+    Cancelled,
+
     /// An error raised by a Python callback (streamer), carried through unchanged.
     #[error("callback failed: {0}")]
     Callback(String),

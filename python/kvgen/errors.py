@@ -44,3 +44,7 @@ class BackendUnavailableError(KvgenError, RuntimeError):
 
 class InternalError(KvgenError, RuntimeError):
     """A kvgen bug; please report it."""
+
+
+class RequestCancelledError(KvgenError, RuntimeError):
+    """The generation was cancelled (its task was cancelled, its stream closed, its client left)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,17 @@ _UNSUPPORTED = {
     "assistant_model": (None,),
     "prompt_lookup_num_tokens": (None,),
 }
+
+@dataclass
+class _Call:
+    """A generate() call, prepared: what the native engine gets and what formatting needs."""
+
+    prepared: PreparedInputs
+    ids: np.ndarray
+    mask: np.ndarray | None
+    cfg: GenerationConfig
+    engine_kwargs: dict
+
 
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
@@ -179,7 +191,60 @@ class Generator:
         seed: Any = None,
         **kwargs: Any,
     ) -> Any:
-        """transformers-compatible generate(); see the README for the accepted kinds of input."""
+        """transformers-compatible generate(); see the README for the accepted kinds of input.
+        Safe to call from many threads at once: concurrent calls share the model's steps."""
+        call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
+        on_step = self._start_streamer(streamer, call)
+        new_tokens, scores, logits = self._engine.generate(call.ids, call.mask, **call.engine_kwargs, on_step=on_step)
+        if streamer is not None:
+            streamer.end()
+        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
+
+    async def agenerate(
+        self,
+        inputs: Any = None,
+        generation_config: Any = None,
+        *,
+        attention_mask: Any = None,
+        streamer: Any = None,
+        seed: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`await gen.agenerate(...)`: generate() for asyncio. The event loop never waits on the
+        model; cancelling the awaiting task cancels the generation and frees its cache slots."""
+        from ._async import wait_request
+
+        call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
+        request = self._submit_call(call, stream_steps=streamer is not None, doorbell=True)
+        on_step = self._start_streamer(streamer, call)
+        new_tokens, scores, logits = await wait_request(request, on_step)
+        if streamer is not None:
+            streamer.end()
+        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
+
+    def _submit(self, inputs: Any, kwargs: dict, *, stream_steps: bool, doorbell: bool) -> tuple[Any, "_Call"]:
+        """Starts a generation without waiting for it: (native Request, the prepared call)."""
+        kwargs = dict(kwargs)
+        generation_config = kwargs.pop("generation_config", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        seed = kwargs.pop("seed", None)
+        call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
+        return self._submit_call(call, stream_steps=stream_steps, doorbell=doorbell), call
+
+    def _submit_call(self, call: "_Call", *, stream_steps: bool, doorbell: bool) -> Any:
+        return self._engine.submit(call.ids, call.mask, **call.engine_kwargs, stream_steps=stream_steps, doorbell=doorbell)
+
+    def _start_streamer(self, streamer: Any, call: "_Call") -> Any:
+        """Gives an HF-style streamer the prompt; returns the per-step callback (or None)."""
+        if streamer is None:
+            return None
+        prepared = call.prepared
+        streamer.put(self._stream_value(prepared, call.ids))
+        return lambda tokens: streamer.put(self._stream_value(prepared, np.asarray(tokens, dtype=np.int64)))
+
+    def _prepare_call(self, inputs: Any, generation_config: Any, attention_mask: Any, seed: Any, kwargs: dict) -> "_Call":
+        """Everything generate() does before the model runs: merging and validating settings,
+        encoding and expanding inputs, the arguments of the native call."""
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         elif "input_ids" in kwargs:
@@ -218,7 +283,7 @@ class Generator:
                 warnings.warn(
                     "A decoder-only architecture is being used, but right-padding was detected! For correct "
                     "generation results, please set `padding_side='left'` when initializing the tokenizer.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
 
         max_length = self._max_length(cfg, input_len, has_default_max_length)
@@ -227,16 +292,10 @@ class Generator:
             min_length = cfg.min_new_tokens + input_len
         steps = max(1, max_length - input_len)
 
-        on_step = None
-        if streamer is not None:
-            streamer.put(self._stream_value(prepared, ids))
-            on_step = lambda tokens: streamer.put(self._stream_value(prepared, np.asarray(tokens, dtype=np.int64)))  # noqa: E731
         cfg.min_length = min_length
         cfg.eos_token_id = eos_ids
         seeds = row_seeds(seed, prompt_batch, n_return) if cfg.do_sample else []
-        new_tokens, scores, logits = self._engine.generate(
-            np.ascontiguousarray(ids),
-            None if mask is None else np.ascontiguousarray(mask, dtype=np.int64),
+        engine_kwargs = dict(
             max_new_tokens=steps,
             processor_config_json=processor_config_json(cfg, prompt_length=input_len, max_length=max_length),
             eos_token_ids=eos_ids,
@@ -245,11 +304,30 @@ class Generator:
             output_scores=bool(cfg.output_scores and cfg.return_dict_in_generate),
             output_logits=bool(cfg.output_logits and cfg.return_dict_in_generate),
             seeds=seeds,
-            on_step=on_step,
         )
-        if streamer is not None:
-            streamer.end()
-        return self._format(prepared, ids, new_tokens, scores, logits, cfg)
+        return _Call(
+            prepared=prepared,
+            ids=np.ascontiguousarray(ids),
+            mask=None if mask is None else np.ascontiguousarray(mask, dtype=np.int64),
+            cfg=cfg,
+            engine_kwargs=engine_kwargs,
+        )
+
+    # ---- concurrency ------------------------------------------------------------------------
+
+    def scheduler_stats(self) -> dict:
+        """The continuous-batching scheduler's counters: running/queued requests and sequences,
+        steps, `max_step_sequences` (the most rows one model step has run), limits."""
+        return self._engine.scheduler_stats()
+
+    def set_scheduler_limits(self, max_sequences: int | None = None, max_cache_tokens: int | None = None) -> None:
+        """Bounds what runs at once (the rest waits in arrival order): sequences decoding
+        together, and KV-cache positions reserved together (prompt + max_new_tokens per row;
+        `scheduler_stats()["cache_bytes_per_token"]` converts to bytes)."""
+        for name, value in (("max_sequences", max_sequences), ("max_cache_tokens", max_cache_tokens)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+                raise InvalidInputError(f"{name}={value!r} must be a positive integer")
+        self._engine.set_scheduler_limits(max_sequences, max_cache_tokens)
 
     def _max_length(self, cfg: GenerationConfig, input_len: int, has_default_max_length: bool) -> int:
         if cfg.max_new_tokens is not None:
@@ -263,7 +341,7 @@ class Generator:
                 f"Input length of input_ids is {input_len}, but `max_length` is set to {cfg.max_length}. This can "
                 "lead to unexpected behavior. You should consider increasing `max_length` or, better yet, setting "
                 "`max_new_tokens`.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return cfg.max_length
 

@@ -1,7 +1,7 @@
 """Text streaming: `gen.stream(...)` (iterator) and `gen.astream(...)` (async iterator) of text deltas.
 
-Generation runs on a worker thread (the Rust loop releases the GIL); each new token id crosses a
-queue and is turned into text here. Deltas concatenate to exactly the final text: a character
+Generation runs in kvgen's scheduler (Rust, GIL released); each step's token reaches the
+request's inbox and is turned into text here. Deltas concatenate to exactly the final text: a character
 split across tokens is held back until complete, and when `stop_strings` are set the tail that
 could still be the start of one is held back, so the stream ends right after the stop string
 even when it ends in the middle of a token.
@@ -9,32 +9,35 @@ even when it ends in the middle of a token.
 
 from __future__ import annotations
 
-import asyncio
-import queue
-import threading
 from typing import Any, AsyncIterator, Callable, Iterator
 
-_DONE = object()
-
-
-class _Cancelled(Exception):
-    """Raised inside the token callback to stop a generation whose consumer went away."""
+# How long a blocking wait lasts before Python gets a chance to handle signals.
+_WAIT_S = 0.05
 
 
 class TextAssembler:
     """Turns a growing list of token ids into text deltas."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: list[str]) -> None:
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop_strings: list[str], include_stop: bool = True
+    ) -> None:
         self._decode = decode
         self._stops = [s for s in stop_strings if s]
         self._hold = max((len(s) for s in self._stops), default=1) - 1
+        # transformers keeps the stop string in the text; OpenAI's API leaves it out.
+        self._include_stop = include_stop
         self.ids: list[int] = []
         self.emitted = ""
+        self.stopped = False
 
     def _final_text(self, text: str) -> str:
-        """Text cut right after the first stop string, if one occurs."""
-        ends = [text.find(s) + len(s) for s in self._stops if s in text]
-        return text[: min(ends)] if ends else text
+        """Text cut at the first stop string (after it, or before it without include_stop)."""
+        hits = [(text.find(s), len(s)) for s in self._stops if s in text]
+        if not hits:
+            return text
+        self.stopped = True
+        ends = [start + (length if self._include_stop else 0) for start, length in hits]
+        return text[: min(ends)]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -56,24 +59,6 @@ class TextAssembler:
         return delta
 
 
-class _TokenSink:
-    """An HF-style streamer (put/end) that forwards row 0's new tokens to a callback."""
-
-    def __init__(self, on_token: Callable[[int], None]) -> None:
-        self._on_token = on_token
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True  # the first put is the prompt
-            return
-        tokens = value.tolist() if hasattr(value, "tolist") else list(value)
-        self._on_token(int(tokens[0]))
-
-    def end(self) -> None:
-        pass
-
-
 def _single_prompt(inputs: Any) -> None:
     from .errors import InvalidInputError
 
@@ -81,7 +66,8 @@ def _single_prompt(inputs: Any) -> None:
         raise InvalidInputError("stream() takes one prompt; call it once per prompt (or use generate())")
 
 
-def stream(gen: Any, inputs: Any, kwargs: dict) -> Iterator[str]:
+def _start(gen: Any, inputs: Any, kwargs: dict, doorbell: bool) -> tuple[Any, TextAssembler]:
+    """Submits the generation and builds the assembler of row 0's text."""
     _single_prompt(inputs)
     tok = gen.tokenizer
     if tok is None:
@@ -91,71 +77,43 @@ def stream(gen: Any, inputs: Any, kwargs: dict) -> Iterator[str]:
     stops = kwargs.get("stop_strings") or []
     stops = [stops] if isinstance(stops, str) else list(stops)
     assembler = TextAssembler(lambda ids: tok.decode(ids, skip_special_tokens=True), stops)
-    tokens: queue.Queue = queue.Queue()
-    cancelled = threading.Event()
-    failure: list[BaseException] = []
+    request, _ = gen._submit(inputs, kwargs, stream_steps=True, doorbell=doorbell)
+    return request, assembler
 
-    def on_token(t: int) -> None:
-        if cancelled.is_set():
-            raise _Cancelled()
-        tokens.put(t)
 
-    def work() -> None:
-        try:
-            gen.generate(inputs, streamer=_TokenSink(on_token), **kwargs)
-        except _Cancelled:
-            pass
-        except BaseException as e:  # handed to the consumer
-            failure.append(e)
-        finally:
-            tokens.put(_DONE)
-
-    worker = threading.Thread(target=work, name="kvgen-stream", daemon=True)
-    worker.start()
+def stream(gen: Any, inputs: Any, kwargs: dict) -> Iterator[str]:
+    request, assembler = _start(gen, inputs, kwargs, doorbell=False)
+    finished = False
     try:
-        while True:
-            item = tokens.get()
-            if item is _DONE:
-                break
-            delta = assembler.push(item)
-            if delta:
-                yield delta
-        if failure:
-            raise failure[0]
+        while not finished:
+            # The wait releases the GIL; returning to Python between waits lets Ctrl-C land.
+            steps, finished = request.wait_steps(_WAIT_S)
+            for tokens in steps:
+                delta = assembler.push(tokens[0])
+                if delta:
+                    yield delta
+        request.result()  # raises the generation's error, if any
         tail = assembler.finish()
         if tail:
             yield tail
     finally:
-        cancelled.set()
+        request.cancel()  # a closed or abandoned stream stops its generation
 
 
 async def astream(gen: Any, inputs: Any, kwargs: dict) -> AsyncIterator[str]:
     """Async iterator over the same deltas; the event loop never waits on the model."""
-    loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
+    from ._async import request_steps
 
-    def pump() -> None:
-        iterator = stream(gen, inputs, kwargs)
-        try:
-            for delta in iterator:
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(deltas.put_nowait, delta)
-            loop.call_soon_threadsafe(deltas.put_nowait, _DONE)
-        except BaseException as e:
-            loop.call_soon_threadsafe(deltas.put_nowait, e)
-        finally:
-            iterator.close()
-
-    threading.Thread(target=pump, name="kvgen-astream", daemon=True).start()
+    request, assembler = _start(gen, inputs, kwargs, doorbell=True)
+    steps = request_steps(request)
     try:
-        while True:
-            item = await deltas.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for tokens in steps:
+            delta = assembler.push(tokens[0])
+            if delta:
+                yield delta
     finally:
-        stop.set()
+        await steps.aclose()
+    request.result()
+    tail = assembler.finish()
+    if tail:
+        yield tail

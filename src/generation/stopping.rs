@@ -2,19 +2,21 @@
 //! semantics (the string must end inside the newest token; it may start in earlier tokens,
 //! including the prompt, and the newest token may run past its end).
 
+use std::sync::Arc;
+
 use crate::error::Result;
 
 pub type DecodeFn = dyn Fn(&[u32]) -> Result<String> + Send + Sync;
 
-pub struct StopStrings<'a> {
+pub struct StopStrings {
     strings: Vec<String>,
-    decode: &'a DecodeFn,
+    decode: Arc<DecodeFn>,
     /// Tokens to decode from the end: enough to hold the longest string plus the newest token.
     window: usize,
 }
 
-impl<'a> StopStrings<'a> {
-    pub fn new(strings: Vec<String>, decode: &'a DecodeFn) -> Self {
+impl StopStrings {
+    pub fn new(strings: Vec<String>, decode: Arc<DecodeFn>) -> Self {
         // A token decodes to at least one byte (special tokens to more), so `bytes + 1` tokens
         // always cover a string that ends in the newest token.
         let window = strings.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
@@ -46,16 +48,16 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
-    fn decoder() -> Box<DecodeFn> {
+    fn decoder() -> Arc<DecodeFn> {
         // Token i decodes to VOCAB[i].
         const VOCAB: [&str; 7] = ["st", "op", "opera", "stop", "at", "las", "topper"];
-        Box::new(|ids: &[u32]| Ok(ids.iter().map(|&i| VOCAB[i as usize]).collect()))
+        Arc::new(|ids: &[u32]| Ok(ids.iter().map(|&i| VOCAB[i as usize]).collect()))
     }
 
     #[test]
     fn matches_transformers_documented_cases() {
         let d = decoder();
-        let s = StopStrings::new(vec!["stop".into()], &*d);
+        let s = StopStrings::new(vec!["stop".into()], d);
         for hit in [&[0u32, 1][..], &[3], &[0, 2], &[5, 6]] {
             assert!(s.is_stopped(hit).unwrap(), "{hit:?}");
         }

@@ -1,61 +1,28 @@
 //! `kvgen._kvgen.Engine`: the loaded model as seen from Python. The HF-compatible surface
 //! (kwargs, GenerationConfig merging, return kinds) lives in python/kvgen/generator.py.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use super::errors::{guarded, to_py, IntoPyResult};
+use super::request::{GenerateResult, PyRequest};
 use super::tokenizer::PyTokenizer;
 use crate::backend::{SeqInput, SlotGuard};
+use crate::config::RopeScaling;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::generation::{self, GenerationParams, Prompt, StepObserver};
+use crate::generation::{self, GenerationParams, Prompt, Request};
 use crate::sampling::config::ProcessorConfig;
-
-/// (new tokens, per-step scores, per-step raw logits) as numpy arrays.
-type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>);
+use crate::scheduler::{Limits, Scheduler};
 
 #[pyclass(name = "Engine", module = "kvgen._kvgen", frozen)]
 pub struct PyEngine {
     inner: Arc<Engine>,
-}
-
-/// Streams tokens to a Python callback and turns Ctrl-C into an interruption, holding the GIL
-/// only for the moment of each call.
-struct PyObserver {
-    callback: Option<Py<PyAny>>,
-    error: Option<PyErr>,
-}
-
-impl PyObserver {
-    fn signals(&mut self, py: Python<'_>) -> Result<()> {
-        py.check_signals().map_err(|e| {
-            self.error = Some(e);
-            Error::Interrupted
-        })
-    }
-}
-
-impl StepObserver for PyObserver {
-    fn on_step(&mut self, tokens: &[u32]) -> Result<()> {
-        Python::attach(|py| {
-            self.signals(py)?;
-            if let Some(cb) = &self.callback {
-                if let Err(e) = cb.call1(py, (tokens.to_vec(),)) {
-                    let msg = e.to_string();
-                    self.error = Some(e);
-                    return Err(Error::Callback(msg));
-                }
-            }
-            Ok(())
-        })
-    }
-
-    fn check_interrupt(&mut self) -> Result<()> {
-        Python::attach(|py| self.signals(py))
-    }
+    /// Owns the step loop of every generate call on this engine.
+    scheduler: OnceLock<Scheduler>,
 }
 
 /// Rows of a padded (batch, seq) id matrix, with their masks, compacted and validated.
@@ -89,8 +56,84 @@ fn prompts_from(
     Ok((prompts, valid))
 }
 
-fn matrix<'py>(py: Python<'py>, flat: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyAny>> {
-    Ok(PyArray1::from_vec(py, flat).reshape([rows, cols])?.into_any())
+
+/// Default cache budget for the scheduler's memory bound, in bytes of f32 KV cache.
+const DEFAULT_CACHE_BYTES: usize = 4 << 30;
+
+impl PyEngine {
+    pub fn new(engine: Engine) -> Self {
+        PyEngine { inner: Arc::new(engine), scheduler: OnceLock::new() }
+    }
+
+    /// The engine's scheduler, started on first use.
+    fn scheduler(&self) -> PyResult<&Scheduler> {
+        if self.scheduler.get().is_none() {
+            let limits = Limits {
+                max_cache_positions: (DEFAULT_CACHE_BYTES / self.cache_bytes_per_token().max(1)).max(1),
+                ..Limits::default()
+            };
+            // Dynamic NTK RoPE makes a step's arithmetic depend on its longest sequence.
+            let isolate = matches!(self.inner.config.rope_scaling, RopeScaling::Dynamic { .. });
+            let started = Scheduler::start(Arc::clone(&self.inner.backend), limits, isolate).py()?;
+            // Two threads may race here; the loser's scheduler is dropped (its thread joined).
+            let _ = self.scheduler.set(started);
+        }
+        self.scheduler.get().ok_or_else(|| to_py(Error::Internal("the scheduler did not start".into())))
+    }
+
+    /// Bytes of f32 key and value cache per sequence position.
+    fn cache_bytes_per_token(&self) -> usize {
+        let c = &self.inner.config;
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Validates a generate call's arguments into a request; also returns its batch size.
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &self,
+        input_ids: &PyReadonlyArray2<i64>,
+        attention_mask: &Option<PyReadonlyArray2<i64>>,
+        max_new_tokens: usize,
+        processor_config_json: &str,
+        eos_token_ids: &[i64],
+        pad_token_id: Option<i64>,
+        stop_strings: Vec<String>,
+        (output_scores, output_logits): (bool, bool),
+        seeds: Vec<(u64, u64)>,
+    ) -> PyResult<(Request, usize)> {
+        let vocab = self.inner.config.vocab_size;
+        let (prompts, _) = prompts_from(input_ids, attention_mask, vocab)?;
+        let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
+        self.inner.check_context(longest, max_new_tokens).py()?;
+        let check_id = |what: &str, id: i64| -> PyResult<u32> {
+            if id < 0 || id as u64 >= vocab as u64 {
+                return Err(to_py(Error::invalid(format!(
+                    "{what}={id} is out of range: the model's vocabulary has {vocab} ids (0..={}); pass an id below {vocab}",
+                    vocab.saturating_sub(1)
+                ))));
+            }
+            Ok(id as u32)
+        };
+        let processors: ProcessorConfig = serde_json::from_str(processor_config_json)
+            .map_err(|e| to_py(Error::invalid(format!("invalid generation settings: {e}"))))?;
+        let params = GenerationParams {
+            max_new_tokens,
+            processors,
+            eos_token_ids: eos_token_ids.iter().map(|&i| check_id("eos_token_id", i)).collect::<PyResult<_>>()?,
+            pad_token_id: pad_token_id.map(|i| check_id("pad_token_id", i)).transpose()?,
+            stop_strings,
+            output_scores,
+            output_logits,
+            seeds,
+        };
+        let decode = self.inner.tokenizer.as_ref().map(|t| {
+            let t = Arc::clone(t);
+            Arc::new(move |ids: &[u32]| t.decode(ids, false)) as Arc<generation::stopping::DecodeFn>
+        });
+        let batch = prompts.len();
+        let request = guarded(|| Request::new(prompts, params, decode, vocab)).py()?;
+        Ok((request, batch))
+    }
 }
 
 #[pymethods]
@@ -107,7 +150,7 @@ impl PyEngine {
             }
         };
         let engine = py.detach(|| guarded(|| Engine::load(&model, &device, &dtype, &mut report))).py()?;
-        Ok(PyEngine { inner: Arc::new(engine) })
+        Ok(PyEngine::new(engine))
     }
 
     #[getter]
@@ -140,8 +183,9 @@ impl PyEngine {
         self.inner.model_path.display().to_string()
     }
 
-    /// Generation over a padded id matrix. Returns (new_tokens (batch, steps) int64,
-    /// scores list of (batch, vocab) float32, logits list of the same).
+    /// Generation over a padded id matrix, through the scheduler (so calls from many threads
+    /// share steps). Returns (new_tokens (batch, steps) int64, scores list of (batch, vocab)
+    /// float32, logits list of the same). `on_step(tokens)` streams; Ctrl-C cancels.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
         output_logits = false, seeds = Vec::new(), on_step = None))]
@@ -161,54 +205,100 @@ impl PyEngine {
         seeds: Vec<(u64, u64)>,
         on_step: Option<Py<PyAny>>,
     ) -> PyResult<GenerateResult<'py>> {
-        let vocab = self.inner.config.vocab_size;
-        let (prompts, _) = prompts_from(&input_ids, &attention_mask, vocab)?;
-        let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
-        self.inner.check_context(longest, max_new_tokens).py()?;
-        let check_id = |what: &str, id: i64| -> PyResult<u32> {
-            if id < 0 || id as u64 >= vocab as u64 {
-                return Err(to_py(Error::invalid(format!(
-                    "{what}={id} is out of range: the model's vocabulary has {vocab} ids (0..={}); pass an id below {vocab}",
-                    vocab.saturating_sub(1)
-                ))));
-            }
-            Ok(id as u32)
-        };
-        let processors: ProcessorConfig = serde_json::from_str(processor_config_json)
-            .map_err(|e| to_py(Error::invalid(format!("invalid generation settings: {e}"))))?;
-        let params = GenerationParams {
+        let (request, batch) = self.request(
+            &input_ids,
+            &attention_mask,
             max_new_tokens,
-            processors,
-            eos_token_ids: eos_token_ids.iter().map(|&i| check_id("eos_token_id", i)).collect::<PyResult<_>>()?,
-            pad_token_id: pad_token_id.map(|i| check_id("pad_token_id", i)).transpose()?,
+            processor_config_json,
+            &eos_token_ids,
+            pad_token_id,
             stop_strings,
-            output_scores,
-            output_logits,
+            (output_scores, output_logits),
             seeds,
-        };
-        let engine = Arc::clone(&self.inner);
-        let mut observer = PyObserver { callback: on_step, error: None };
-        let result = py.detach(|| {
-            guarded(|| {
-                let tok = engine.tokenizer.clone();
-                let decode = tok.as_ref().map(|t| {
-                    let t = Arc::clone(t);
-                    Box::new(move |ids: &[u32]| t.decode(ids, false)) as Box<generation::stopping::DecodeFn>
-                });
-                generation::generate(engine.backend.as_ref(), &prompts, &params, decode.as_deref(), &mut observer)
+        )?;
+        let handle = self.scheduler()?.submit(request, on_step.is_some(), false).py()?;
+        PyRequest::new(handle, batch, self.inner.config.vocab_size).wait(py, on_step)
+    }
+
+    /// Like `generate`, but returns at once with a `Request` to poll, wait on or cancel;
+    /// `doorbell=True` gives it a socket an event loop can watch (`Request.fileno()`).
+    #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
+        eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
+        output_logits = false, seeds = Vec::new(), stream_steps = false, doorbell = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit<'py>(
+        &self,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: Option<PyReadonlyArray2<'py, i64>>,
+        max_new_tokens: usize,
+        processor_config_json: &str,
+        eos_token_ids: Vec<i64>,
+        pad_token_id: Option<i64>,
+        stop_strings: Vec<String>,
+        output_scores: bool,
+        output_logits: bool,
+        seeds: Vec<(u64, u64)>,
+        stream_steps: bool,
+        doorbell: bool,
+    ) -> PyResult<PyRequest> {
+        let (request, batch) = self.request(
+            &input_ids,
+            &attention_mask,
+            max_new_tokens,
+            processor_config_json,
+            &eos_token_ids,
+            pad_token_id,
+            stop_strings,
+            (output_scores, output_logits),
+            seeds,
+        )?;
+        let handle = self.scheduler()?.submit(request, stream_steps, doorbell).py()?;
+        Ok(PyRequest::new(handle, batch, self.inner.config.vocab_size))
+    }
+
+    /// The scheduler's counters (running/queued requests and sequences, steps, peaks).
+    fn scheduler_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.scheduler()?.stats();
+        let limits = self.scheduler()?.limits();
+        let d = PyDict::new(py);
+        d.set_item("running_requests", s.running_requests)?;
+        d.set_item("running_sequences", s.running_sequences)?;
+        d.set_item("queued_requests", s.queued_requests)?;
+        d.set_item("steps", s.steps)?;
+        d.set_item("mixed_steps", s.mixed_steps)?;
+        d.set_item("max_step_sequences", s.max_step_sequences)?;
+        d.set_item("max_running_requests", s.max_running_requests)?;
+        d.set_item("completed", s.completed)?;
+        d.set_item("cancelled", s.cancelled)?;
+        d.set_item("max_sequences", limits.max_sequences)?;
+        d.set_item("max_cache_tokens", limits.max_cache_positions)?;
+        d.set_item("cache_bytes_per_token", self.cache_bytes_per_token())?;
+        Ok(d)
+    }
+
+    fn reset_scheduler_peaks(&self) -> PyResult<()> {
+        self.scheduler()?.reset_peaks();
+        Ok(())
+    }
+
+    #[pyo3(signature = (max_sequences = None, max_cache_tokens = None))]
+    fn set_scheduler_limits(&self, max_sequences: Option<usize>, max_cache_tokens: Option<usize>) -> PyResult<()> {
+        let scheduler = self.scheduler()?;
+        let current = scheduler.limits();
+        scheduler
+            .set_limits(Limits {
+                max_sequences: max_sequences.unwrap_or(current.max_sequences),
+                max_cache_positions: max_cache_tokens.unwrap_or(current.max_cache_positions),
             })
-        });
-        if let Some(e) = observer.error.take() {
-            return Err(e);
-        }
-        let out = result.py()?;
-        let batch = prompts.len();
-        let steps = out.tokens.first().map_or(0, Vec::len);
-        let flat: Vec<i64> = out.tokens.iter().flat_map(|r| r.iter().map(|&t| t as i64)).collect();
-        let tokens = PyArray1::from_vec(py, flat).reshape([batch, steps])?.into_any();
-        let scores = out.scores.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
-        let logits = out.logits.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
-        Ok((tokens, scores, logits))
+            .py()
+    }
+
+    /// Holds the scheduler (nothing is admitted or stepped) until called with False, after
+    /// `after_steps` more steps when given; for tests.
+    #[pyo3(signature = (paused, after_steps = None))]
+    fn _pause_scheduler(&self, paused: bool, after_steps: Option<usize>) -> PyResult<()> {
+        self.scheduler()?.set_paused(paused, after_steps);
+        Ok(())
     }
 
     /// Full forward: float32 (batch, seq, vocab) logits; masked-out positions are 0.
@@ -258,5 +348,6 @@ fn _debug_panic(py: Python<'_>) -> PyResult<()> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
+    m.add_class::<PyRequest>()?;
     m.add_function(wrap_pyfunction!(_debug_panic, m)?)
 }

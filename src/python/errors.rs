@@ -17,6 +17,7 @@ fn class_name(err: &Error) -> &'static str {
         Error::BackendUnavailable(_) => "BackendUnavailableError",
         Error::Tokenizer(_) => "TokenizerError",
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "ModelNotFoundError",
+        Error::Cancelled => "RequestCancelledError",
         Error::Io { .. } | Error::Callback(_) | Error::Internal(_) | Error::Interrupted => "InternalError",
     }
 }

@@ -4,6 +4,7 @@ pub mod engine;
 pub mod errors;
 pub mod gguf;
 pub mod processing;
+pub mod request;
 pub mod tokenizer;
 
 use pyo3::prelude::*;

@@ -1,0 +1,246 @@
+//! One generate call as a state machine: the per-request half of the decode loop (logits
+//! checks, processors, greedy/sampled selection, stopping, scores). Whoever owns the backend
+//! (the scheduler, or `generate` for a lone call) asks it which rows to run, runs them in a step
+//! (possibly together with other requests' rows) and hands the logits back with `advance`.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::stopping::{DecodeFn, StopStrings};
+use super::{GenerationOutput, GenerationParams, Prompt};
+use crate::error::{Error, Result};
+use crate::sampling::processors::{LogitsProcessor, RowContext};
+use crate::sampling::sample::{self, RowRng};
+use crate::sampling;
+
+/// One row's share of the next step.
+pub struct RowInput<'a> {
+    pub row: usize,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+}
+
+pub struct Request {
+    params: GenerationParams,
+    vocab: usize,
+    processors: Vec<Box<dyn LogitsProcessor>>,
+    stop: Option<StopStrings>,
+    rngs: Vec<Option<RowRng>>,
+    ignore_prefix: Vec<usize>,
+    prompt_lens: Vec<usize>,
+    /// What the model sees (attended tokens) and what the processors see (transformers' rows).
+    model_tokens: Vec<Vec<u32>>,
+    hf_rows: Vec<Vec<u32>>,
+    /// Per row, the range of `model_tokens` the next step appends to the cache.
+    inputs: Vec<(usize, usize)>,
+    /// Rows that run in the next step, in order.
+    active: Vec<usize>,
+    unfinished: Vec<bool>,
+    /// Rows that finished still run when their scores are returned (transformers keeps them in the batch).
+    keep_finished_rows: bool,
+    step: usize,
+    step_logits: Vec<f32>,
+    out: GenerationOutput,
+    done: bool,
+}
+
+impl Request {
+    /// Validates the call and prepares its state; no backend work happens here.
+    pub fn new(prompts: Vec<Prompt>, params: GenerationParams, decode: Option<Arc<DecodeFn>>, vocab: usize) -> Result<Self> {
+        let batch = prompts.len();
+        if let Some((row, _)) = prompts.iter().enumerate().find(|(_, p)| p.tokens.is_empty()) {
+            return Err(Error::invalid(format!(
+                "row {row} of the input has no tokens (its attention_mask is all zeros); give every row at least one token"
+            )));
+        }
+        for &id in params.eos_token_ids.iter().chain(params.pad_token_id.iter()) {
+            if id as usize >= vocab {
+                return Err(Error::invalid(format!(
+                    "eos/pad token id {id} is out of range for a vocabulary of {vocab}; pass ids below {vocab}"
+                )));
+            }
+        }
+        let do_sample = params.processors.do_sample;
+        if do_sample && params.seeds.len() != batch {
+            return Err(Error::Internal(format!("{} seeds for {batch} rows", params.seeds.len())));
+        }
+        let stop = match (params.stop_strings.is_empty(), decode) {
+            (true, _) => None,
+            (false, Some(d)) => Some(StopStrings::new(params.stop_strings.clone(), d)),
+            (false, None) => return Err(Error::invalid("stop_strings need a tokenizer; load the model with its tokenizer")),
+        };
+        let processors = sampling::processors::build(&params.processors, vocab)?;
+        let rngs = if do_sample {
+            params.seeds.iter().map(|&(seed, stream)| Some(RowRng::new(seed, stream))).collect()
+        } else {
+            (0..batch).map(|_| None).collect()
+        };
+        let steps = params.max_new_tokens;
+        let keep_finished_rows = params.output_scores || params.output_logits || params.pad_token_id.is_none();
+        Ok(Request {
+            vocab,
+            processors,
+            stop,
+            rngs,
+            ignore_prefix: prompts.iter().map(|p| p.ignore_prefix).collect(),
+            prompt_lens: prompts.iter().map(|p| p.tokens.len()).collect(),
+            inputs: prompts.iter().map(|p| (0, p.tokens.len())).collect(),
+            hf_rows: prompts.iter().map(|p| p.input_ids.clone()).collect(),
+            model_tokens: prompts.into_iter().map(|p| p.tokens).collect(),
+            active: (0..batch).collect(),
+            unfinished: vec![true; batch],
+            keep_finished_rows,
+            step: 0,
+            step_logits: vec![0f32; batch * vocab],
+            out: GenerationOutput { tokens: vec![Vec::with_capacity(steps); batch], ..Default::default() },
+            done: steps == 0 || batch == 0,
+            params,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.prompt_lens.len()
+    }
+
+    /// Cache positions row `row` needs: its prompt plus every new token.
+    pub fn slot_capacity(&self, row: usize) -> usize {
+        self.prompt_lens[row] + self.params.max_new_tokens
+    }
+
+    /// Cache positions of all rows together (what the scheduler's memory bound counts).
+    pub fn cache_positions(&self) -> usize {
+        (0..self.rows()).map(|r| self.slot_capacity(r)).sum()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// True before the first step: the next step is this request's prefill.
+    pub fn is_prefill(&self) -> bool {
+        self.step == 0
+    }
+
+    /// The rows the next step runs, with the tokens each appends to its cache and where.
+    pub fn step_inputs(&self) -> Vec<RowInput<'_>> {
+        if self.done {
+            return Vec::new();
+        }
+        self.active
+            .iter()
+            .map(|&r| {
+                let (from, to) = self.inputs[r];
+                RowInput { row: r, tokens: &self.model_tokens[r][from..to], start_pos: from }
+            })
+            .collect()
+    }
+
+    /// Takes the logits of the rows `step_inputs` named (vocab wide each, same order), picks
+    /// the next token of every row and applies the stop conditions. Returns one token per row
+    /// (pad for finished rows), as transformers streams them.
+    pub fn advance(&mut self, logits: &[f32]) -> Result<Vec<u32>> {
+        let (vocab, batch, step) = (self.vocab, self.rows(), self.step);
+        if self.done || logits.len() != self.active.len() * vocab {
+            return Err(Error::Internal(format!(
+                "advance got {} logits for {} active rows of vocabulary {vocab} (done: {})",
+                logits.len(),
+                self.active.len(),
+                self.done
+            )));
+        }
+        for (i, &r) in self.active.iter().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let bad = sampling::count_invalid(row);
+            if bad > 0 && !self.params.processors.remove_invalid_values {
+                return Err(Error::Numerical(format!(
+                    "step {step}, row {r}: the model produced {bad} NaN/+Inf logits out of {vocab}; the weights or the \
+                     dtype overflow (try dtype=\"float32\"), or pass remove_invalid_values=True to replace them as transformers does"
+                )));
+            }
+            self.step_logits[r * vocab..(r + 1) * vocab].copy_from_slice(row);
+        }
+        if self.params.output_logits {
+            self.out.logits.push(self.step_logits.clone());
+        }
+        let next = self.pick_tokens()?;
+        if self.params.output_scores {
+            self.out.scores.push(self.step_logits.clone());
+        }
+        for (r, &token) in next.iter().enumerate() {
+            self.out.tokens[r].push(token);
+            self.model_tokens[r].push(token);
+            self.hf_rows[r].push(token);
+        }
+        for &r in &self.active {
+            if !self.unfinished[r] {
+                continue;
+            }
+            let hit_eos = self.params.eos_token_ids.contains(&next[r]);
+            let hit_stop = match &self.stop {
+                Some(s) => s.is_stopped(&self.model_tokens[r])?,
+                None => false,
+            };
+            if hit_eos || hit_stop {
+                self.unfinished[r] = false;
+            }
+        }
+        self.step += 1;
+        if !self.unfinished.iter().any(|&u| u) || self.step >= self.params.max_new_tokens {
+            self.done = true;
+        }
+        for &r in &self.active {
+            let len = self.model_tokens[r].len();
+            self.inputs[r] = (len - 1, len);
+        }
+        if !self.keep_finished_rows {
+            let unfinished = &self.unfinished;
+            self.active.retain(|&r| unfinished[r]);
+        }
+        debug_assert_eq!(next.len(), batch);
+        Ok(next)
+    }
+
+    /// Runs the processors and selects a token for every active row. Rows are independent (own
+    /// processors state, own random stream), so they run in parallel.
+    fn pick_tokens(&mut self) -> Result<Vec<u32>> {
+        let (vocab, step) = (self.vocab, self.step);
+        let mut is_active = vec![false; self.rows()];
+        self.active.iter().for_each(|&r| is_active[r] = true);
+        let (processors, hf_rows, ignore_prefix, unfinished) =
+            (&self.processors, &self.hf_rows, &self.ignore_prefix, &self.unfinished);
+        let pads_finished = self.params.pad_token_id.is_some();
+        let picks: Vec<Result<Option<u32>>> = self
+            .step_logits
+            .par_chunks_mut(vocab)
+            .zip(self.rngs.par_iter_mut())
+            .enumerate()
+            .map(|(r, (row, rng))| {
+                if !is_active[r] {
+                    return Ok(None);
+                }
+                let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: ignore_prefix[r] };
+                sampling::processors::apply(processors, &ctx, row);
+                if !unfinished[r] && pads_finished {
+                    return Ok(None);
+                }
+                let token = match rng {
+                    Some(rng) => sample::sample(row, rng, step, r)?,
+                    None => sampling::argmax(row),
+                };
+                Ok(Some(token as u32))
+            })
+            .collect();
+        let mut next = vec![self.params.pad_token_id.unwrap_or(0); self.rows()];
+        for (r, pick) in picks.into_iter().enumerate() {
+            if let Some(t) = pick? {
+                next[r] = t;
+            }
+        }
+        Ok(next)
+    }
+
+    pub fn into_output(self) -> GenerationOutput {
+        self.out
+    }
+}

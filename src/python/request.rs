@@ -1,0 +1,118 @@
+//! `kvgen._kvgen.Request`: one submitted generation, seen from Python. Blocking waits release
+//! the GIL; async callers watch `fileno()` with the event loop and `poll()` without blocking.
+//! Dropping the object (or `cancel()`) cancels the generation and frees its cache slots.
+
+use std::time::Duration;
+
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+
+use super::errors::{to_py, IntoPyResult};
+use crate::error::Error;
+use crate::generation::GenerationOutput;
+use crate::scheduler::{Events, RequestHandle};
+
+/// (new tokens, per-step scores, per-step raw logits) as numpy arrays.
+pub type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>);
+
+/// How often a blocked waiter wakes to notice Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(20);
+
+#[pyclass(name = "Request", module = "kvgen._kvgen", frozen)]
+pub struct PyRequest {
+    handle: RequestHandle,
+    batch: usize,
+    vocab: usize,
+}
+
+fn matrix<'py>(py: Python<'py>, flat: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyAny>> {
+    Ok(PyArray1::from_vec(py, flat).reshape([rows, cols])?.into_any())
+}
+
+impl PyRequest {
+    pub fn new(handle: RequestHandle, batch: usize, vocab: usize) -> Self {
+        PyRequest { handle, batch, vocab }
+    }
+
+    fn to_numpy<'py>(&self, py: Python<'py>, out: GenerationOutput) -> PyResult<GenerateResult<'py>> {
+        let (batch, vocab) = (self.batch, self.vocab);
+        let steps = out.tokens.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = out.tokens.iter().flat_map(|r| r.iter().map(|&t| t as i64)).collect();
+        let tokens = PyArray1::from_vec(py, flat).reshape([batch, steps])?.into_any();
+        let scores = out.scores.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
+        let logits = out.logits.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
+        Ok((tokens, scores, logits))
+    }
+
+    /// Blocks (GIL released) until the end, calling `on_step(tokens)` per streamed step and
+    /// checking for Ctrl-C between waits; either failing cancels the request.
+    pub fn wait<'py>(&self, py: Python<'py>, on_step: Option<Py<PyAny>>) -> PyResult<GenerateResult<'py>> {
+        let mut py_error: Option<PyErr> = None;
+        let result = py.detach(|| {
+            self.handle.wait(SIGNAL_POLL, |steps| {
+                Python::attach(|py| -> PyResult<()> {
+                    py.check_signals()?;
+                    if let Some(cb) = &on_step {
+                        for tokens in steps {
+                            cb.call1(py, (tokens,))?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(|e| {
+                    // The Python exception itself (KeyboardInterrupt, the streamer's error) is re-raised below.
+                    let carried = Error::Callback(e.to_string());
+                    py_error = Some(e);
+                    carried
+                })
+            })
+        });
+        if let Some(e) = py_error {
+            return Err(e);
+        }
+        let out = result.py()?;
+        self.to_numpy(py, out)
+    }
+}
+
+fn events_tuple(events: Events) -> (Vec<Vec<u32>>, bool) {
+    (events.steps, events.finished)
+}
+
+#[pymethods]
+impl PyRequest {
+    /// The doorbell socket's file descriptor: readable when `poll()` has something new.
+    fn fileno(&self) -> PyResult<i32> {
+        self.handle.link().doorbell_fd().ok_or_else(|| {
+            to_py(Error::invalid("this request has no doorbell; submit it with doorbell=True to watch it from an event loop"))
+        })
+    }
+
+    /// Never blocks: (steps since the last call, finished).
+    fn poll(&self) -> (Vec<Vec<u32>>, bool) {
+        events_tuple(self.handle.link().poll())
+    }
+
+    /// Blocks up to `timeout` seconds (GIL released) for a step or the end: (steps, finished).
+    fn wait_steps(&self, py: Python<'_>, timeout: f64) -> (Vec<Vec<u32>>, bool) {
+        let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        events_tuple(py.detach(|| self.handle.link().wait(timeout)))
+    }
+
+    /// Blocks until the end; same result as `Engine.generate`.
+    #[pyo3(signature = (on_step = None))]
+    fn wait_result<'py>(&self, py: Python<'py>, on_step: Option<Py<PyAny>>) -> PyResult<GenerateResult<'py>> {
+        self.wait(py, on_step)
+    }
+
+    /// The result of a finished request (raises its error); only once.
+    fn result<'py>(&self, py: Python<'py>) -> PyResult<GenerateResult<'py>> {
+        let out = self.handle.link().take_result().py()?;
+        self.to_numpy(py, out)
+    }
+
+    /// Stops the generation at the next step and frees its cache slots; harmless when finished.
+    fn cancel(&self) {
+        self.handle.cancel();
+    }
+}

@@ -1,0 +1,81 @@
+//! Counters the scheduler publishes for monitoring and for tests that must prove requests
+//! really shared steps (rather than passing by running one after another).
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+#[derive(Default)]
+pub struct Stats {
+    running_requests: AtomicUsize,
+    running_sequences: AtomicUsize,
+    queued_requests: AtomicUsize,
+    steps: AtomicUsize,
+    /// Steps where one request's prefill ran together with other requests' decode.
+    mixed_steps: AtomicUsize,
+    max_step_sequences: AtomicUsize,
+    max_running_requests: AtomicUsize,
+    completed: AtomicUsize,
+    cancelled: AtomicUsize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsSnapshot {
+    pub running_requests: usize,
+    pub running_sequences: usize,
+    pub queued_requests: usize,
+    pub steps: usize,
+    pub mixed_steps: usize,
+    pub max_step_sequences: usize,
+    pub max_running_requests: usize,
+    pub completed: usize,
+    pub cancelled: usize,
+}
+
+impl Stats {
+    pub fn set_load(&self, requests: usize, sequences: usize, queued: usize) {
+        self.running_requests.store(requests, Relaxed);
+        self.running_sequences.store(sequences, Relaxed);
+        self.queued_requests.store(queued, Relaxed);
+        self.max_running_requests.fetch_max(requests, Relaxed);
+    }
+
+    /// A request entered the incoming queue (counted before the worker picks it up).
+    pub fn queued(&self, incoming: usize) {
+        self.queued_requests.fetch_max(incoming, Relaxed);
+    }
+
+    pub fn stepped(&self, sequences: usize, mixed: bool) {
+        self.steps.fetch_add(1, Relaxed);
+        if mixed {
+            self.mixed_steps.fetch_add(1, Relaxed);
+        }
+        self.max_step_sequences.fetch_max(sequences, Relaxed);
+    }
+
+    pub fn completed(&self) {
+        self.completed.fetch_add(1, Relaxed);
+    }
+
+    pub fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Relaxed);
+    }
+
+    pub fn reset_peaks(&self) {
+        self.max_step_sequences.store(0, Relaxed);
+        self.max_running_requests.store(0, Relaxed);
+        self.mixed_steps.store(0, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            running_requests: self.running_requests.load(Relaxed),
+            running_sequences: self.running_sequences.load(Relaxed),
+            queued_requests: self.queued_requests.load(Relaxed),
+            steps: self.steps.load(Relaxed),
+            mixed_steps: self.mixed_steps.load(Relaxed),
+            max_step_sequences: self.max_step_sequences.load(Relaxed),
+            max_running_requests: self.max_running_requests.load(Relaxed),
+            completed: self.completed.load(Relaxed),
+            cancelled: self.cancelled.load(Relaxed),
+        }
+    }
+}

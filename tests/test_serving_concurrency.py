@@ -1,0 +1,165 @@
+"""Concurrent generation through the continuous-batching scheduler: many threads at once get
+exactly the tokens each gets alone (greedy and seeded sampling), and they really share steps;
+requests that arrive mid-generation join the running batch; the bounds queue the rest."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+THREADS = 16
+
+
+def _wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _call(i: int, sample: bool) -> dict:
+    # Different prompts, lengths and budgets per request, so the batch mixes shapes.
+    prompt = [3 + (i * 7 + t * 5) % 90 for t in range(2 + i % 5)]
+    kw = dict(max_new_tokens=8 + (i * 3) % 17, min_new_tokens=4)
+    if sample:
+        kw.update(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=100 + i)
+    return dict(inputs=[prompt], **kw)
+
+
+def _run_threads(gen, calls):
+    results = [None] * len(calls)
+    errors = []
+
+    def work(i):
+        try:
+            results[i] = gen.generate(**calls[i])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_16_threads_get_their_solo_tokens_in_shared_steps(kv_model, kind, sample):
+    gen = kv_model(kind)
+    calls = [_call(i, sample) for i in range(THREADS)]
+    solo = [gen.generate(**c) for c in calls]
+    engine = gen._engine
+    engine.reset_scheduler_peaks()
+    # Hold the scheduler until all 16 requests are queued, so they provably share steps.
+    engine._pause_scheduler(True)
+    try:
+        threads, results, errors = _run_threads(gen, calls)
+        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == THREADS, what="16 queued requests")
+    finally:
+        engine._pause_scheduler(False)
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    for i, (got, want) in enumerate(zip(results, solo)):
+        assert got == want, f"request {i} differs under concurrency"
+    stats = gen.scheduler_stats()
+    assert stats["max_step_sequences"] == THREADS, stats
+    assert stats["running_sequences"] == 0
+
+
+def test_free_running_threads_match_solo(kv_model):
+    """No pause: threads race into the scheduler however they arrive."""
+    gen = kv_model("llama")
+    calls = [_call(i, sample=i % 2 == 1) for i in range(THREADS)]
+    solo = [gen.generate(**c) for c in calls]
+    threads, results, errors = _run_threads(gen, calls)
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert results == solo
+
+
+def test_request_joins_a_running_batch_with_its_prefill(kv_model):
+    gen = kv_model("llama")
+    engine = gen._engine
+    long_call = dict(inputs=[[5, 6, 7, 8]], max_new_tokens=40, min_new_tokens=40)
+    late_call = dict(inputs=[[9, 10, 11]], max_new_tokens=12, do_sample=True, seed=3)
+    solo_long, solo_late = gen.generate(**long_call), gen.generate(**late_call)
+    engine.reset_scheduler_peaks()
+    steps_before = gen.scheduler_stats()["steps"]
+    # Let the long request run 5 steps, then hold it mid-generation.
+    engine._pause_scheduler(True, 5)
+    threads, results, errors = _run_threads(gen, [long_call])
+    _wait_for(lambda: gen.scheduler_stats()["steps"] == steps_before + 5, what="5 steps")
+    assert gen.scheduler_stats()["running_requests"] == 1
+    late_threads, late_results, late_errors = _run_threads(gen, [late_call])
+    _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 1, what="the late request queued")
+    engine._pause_scheduler(False)
+    for t in threads + late_threads:
+        t.join(30)
+    assert not errors and not late_errors, errors + late_errors
+    assert results[0] == solo_long and late_results[0] == solo_late
+    stats = gen.scheduler_stats()
+    assert stats["mixed_steps"] >= 1, stats  # the late prefill ran in the same step as decode
+    assert stats["max_step_sequences"] == 2
+
+
+def test_batch_size_bound_queues_the_rest(kv_model):
+    gen = kv_model("mistral")
+    calls = [_call(i, sample=False) for i in range(6)]
+    solo = [gen.generate(**c) for c in calls]
+    gen.set_scheduler_limits(max_sequences=2)
+    try:
+        gen._engine.reset_scheduler_peaks()
+        threads, results, errors = _run_threads(gen, calls)
+        for t in threads:
+            t.join(30)
+        assert not errors and results == solo
+        assert gen.scheduler_stats()["max_step_sequences"] <= 2
+    finally:
+        gen.set_scheduler_limits(max_sequences=64)
+
+
+def test_cache_bound_queues_the_rest(kv_model):
+    gen = kv_model("mistral")
+    # Room for one 4-token prompt + 20 new tokens at a time.
+    gen.set_scheduler_limits(max_cache_tokens=30)
+    try:
+        gen._engine.reset_scheduler_peaks()
+        calls = [dict(inputs=[[4 + i, 5, 6, 7]], max_new_tokens=20) for i in range(4)]
+        threads, results, errors = _run_threads(gen, calls)
+        for t in threads:
+            t.join(30)
+        assert not errors
+        assert gen.scheduler_stats()["max_step_sequences"] == 1
+    finally:
+        gen.set_scheduler_limits(max_cache_tokens=1 << 20)
+
+
+def test_scores_and_batches_through_the_scheduler(kv_model):
+    """A multi-row call with scores keeps transformers' layout when others run beside it."""
+    gen = kv_model("llama")
+    ids = np.array([[1, 5, 6, 7], [8, 9, 10, 11]])
+    kw = dict(max_new_tokens=6, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    alone = gen.generate(ids, **kw)
+    threads, results, errors = _run_threads(gen, [dict(inputs=ids, **kw)] + [_call(i, True) for i in range(6)])
+    for t in threads:
+        t.join(30)
+    assert not errors
+    got = results[0]
+    np.testing.assert_array_equal(got.sequences, alone.sequences)
+    for a, b in zip(got.scores, alone.scores):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(got.logits, alone.logits):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_limits_are_refused(kv_model, kvgen):
+    gen = kv_model("llama")
+    with pytest.raises(kvgen.InvalidInputError, match="max_sequences"):
+        gen.set_scheduler_limits(max_sequences=0)
