@@ -1,7 +1,17 @@
 """kvgen: LLM text generation in Rust, a drop-in for transformers' `model.generate()`."""
 
-from . import _kvgen
+try:
+    from . import _kvgen
+except ImportError as _e:
+    # A build with the `torch` feature links libtorch, which lives in the torch wheel: importing
+    # torch loads it (and libc10 etc.) into the process. The plain build never gets here.
+    if not any(lib in str(_e) for lib in ("libtorch", "libc10")):
+        raise
+    import torch  # noqa: F401
+
+    from . import _kvgen
 from .errors import (
+    BackendError,
     BackendUnavailableError,
     ContextLengthError,
     InvalidInputError,
@@ -23,6 +33,7 @@ from .tokenizer import Tokenizer
 __version__ = _kvgen.__version__
 
 __all__ = [
+    "BackendError",
     "BackendUnavailableError",
     "ContextLengthError",
     "GenerateDecoderOnlyOutput",

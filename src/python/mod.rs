@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Whether this build links libtorch (the `torch` feature): tests and the Python package ask.
+    m.add("HAS_TORCH", cfg!(feature = "torch"))?;
     engine::register(m)?;
     tokenizer::register(m)?;
     processing::register(m)?;
