@@ -20,6 +20,9 @@ pub struct KvArena {
     rows: Vec<Option<usize>>,
     /// The capacity every row is allocated with (the largest ever asked for).
     cap: usize,
+    /// Bumped whenever the arena tensors are replaced or freed: recorded CUDA graphs address
+    /// them and are valid for one generation only.
+    generation: u64,
 }
 
 impl KvArena {
@@ -34,7 +37,16 @@ impl KvArena {
             v: Vec::new(),
             rows: Vec::new(),
             cap: 0,
+            generation: 0,
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 
     pub fn capacity_of(&self, row: usize) -> Option<usize> {
@@ -68,6 +80,7 @@ impl KvArena {
             self.k.clear();
             self.v.clear();
             self.cap = 0;
+            self.generation += 1;
         }
     }
 
@@ -93,6 +106,7 @@ impl KvArena {
         self.k = k;
         self.v = v;
         self.cap = cap;
+        self.generation += 1;
         Ok(())
     }
 }

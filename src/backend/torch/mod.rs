@@ -4,9 +4,11 @@
 //! where the shared sampler runs.
 
 mod cache;
+mod graph;
 mod model;
 mod weights;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use tch::{Device, Tensor};
@@ -18,7 +20,16 @@ use crate::model::llama::LlamaWeights;
 use crate::model::rope::Rope;
 use crate::tensor::DType;
 use cache::KvArena;
+use graph::{CudaGraph, DecodeGraph, GraphKey};
 use model::{StepPlan, TorchModel};
+
+/// Recorded decode graphs kept per arena generation (batch shapes seen in one generation).
+const MAX_GRAPHS: usize = 8;
+
+/// Whether the CUDA-graph shim was compiled with CUDA (build.rs found the headers).
+pub fn cuda_graphs_built() -> bool {
+    graph::supported()
+}
 
 /// libtorch reports a failed op (device out of memory, a kernel error) as a TchError.
 pub(crate) fn tch_err(e: tch::TchError) -> Error {
@@ -57,12 +68,26 @@ pub fn parse_device(device: &str) -> Result<Device> {
 struct State {
     model: TorchModel,
     arena: KvArena,
+    graphs: HashMap<GraphKey, DecodeGraph>,
+    /// Set after a capture or replay failed: decode steps then run eagerly.
+    graphs_failed: bool,
+}
+
+impl State {
+    /// Drops graphs recorded against replaced or freed arena tensors (and their memory pools).
+    fn prune_graphs(&mut self) {
+        let generation = self.arena.generation();
+        self.graphs.retain(|k, _| k.arena_generation == generation);
+    }
 }
 
 pub struct TorchBackend {
     vocab_size: usize,
     device: Device,
     rope: Rope,
+    /// CUDA graphs for decode steps: on a CUDA device when the shim has them, unless
+    /// KVGEN_CUDA_GRAPHS=0.
+    use_graphs: bool,
     /// Tensors are Send but not Sync in tch; steps are serialised (one device stream anyway).
     state: Mutex<State>,
 }
@@ -75,11 +100,20 @@ impl TorchBackend {
         let _guard = tch::no_grad_guard();
         let weights = weights::TorchWeights::upload(weights, kind, device)?;
         let arena = KvArena::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kind, device);
+        let use_graphs = device.is_cuda()
+            && graph::supported()
+            && std::env::var("KVGEN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Ok(TorchBackend {
             vocab_size: cfg.vocab_size,
             device,
             rope: Rope::new(&cfg),
-            state: Mutex::new(State { model: TorchModel { cfg, weights, kind }, arena }),
+            use_graphs,
+            state: Mutex::new(State {
+                model: TorchModel { cfg, weights, kind },
+                arena,
+                graphs: HashMap::new(),
+                graphs_failed: false,
+            }),
         })
     }
 
@@ -90,12 +124,79 @@ impl TorchBackend {
 
     fn step_locked(&self, st: &mut State, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
-        let State { model, arena } = st;
-        let plan = StepPlan::new(&model.cfg, &self.rope, arena, seqs, all_positions, model.kind, self.device)?;
+        st.prune_graphs();
+        if let Some(first_row) = self.graph_candidate(st, seqs, all_positions) {
+            match self.step_graph(st, seqs, first_row) {
+                Ok(logits) => return Ok(logits),
+                Err(e) => {
+                    // Eager decoding gives the same results; re-running the step rewrites the
+                    // same cache positions.
+                    eprintln!("kvgen: CUDA graph capture/replay failed ({e}); decoding without CUDA graphs from now on");
+                    st.graphs_failed = true;
+                    st.graphs.clear();
+                }
+            }
+        }
+        let State { model, arena, .. } = st;
+        let plan = StepPlan::new(&model.cfg, &self.rope, arena, seqs, all_positions, model.kind, self.device, None)?;
         let logits: Tensor = model.forward(&plan, arena)?;
-        let host = logits.f_to_device(Device::Cpu).and_then(|t| t.f_contiguous()).and_then(|t| t.f_view([-1])).map_err(tch_err)?;
-        Vec::<f32>::try_from(&host).map_err(tch_err)
+        to_host(&logits)
     }
+
+    /// The first cache row when this step can run as a recorded graph: a decode step (one new
+    /// token each) over consecutive rows on CUDA, graphs enabled and working.
+    fn graph_candidate(&self, st: &State, seqs: &[SeqInput], all_positions: bool) -> Option<usize> {
+        if !self.use_graphs || st.graphs_failed || all_positions || seqs.iter().any(|s| s.tokens.len() != 1) {
+            return None;
+        }
+        let consecutive = seqs.windows(2).all(|p| p[1].slot == p[0].slot + 1);
+        let first = seqs.first()?.slot;
+        let key = GraphKey { batch: seqs.len(), first_row: first, arena_generation: st.arena.generation() };
+        (consecutive && (st.graphs.contains_key(&key) || st.graphs.len() < MAX_GRAPHS)).then_some(first)
+    }
+
+    fn step_graph(&self, st: &mut State, seqs: &[SeqInput], first_row: usize) -> Result<Vec<f32>> {
+        let Device::Cuda(index) = self.device else {
+            return Err(Error::Internal("CUDA graph on a non-CUDA device".into()));
+        };
+        let State { model, arena, graphs, .. } = st;
+        let key = GraphKey { batch: seqs.len(), first_row, arena_generation: arena.generation() };
+        let span = Some(arena.cap());
+        if let Some(g) = graphs.get_mut(&key) {
+            let host = StepPlan::new(&model.cfg, &self.rope, arena, seqs, false, model.kind, Device::Cpu, span)?;
+            g.plan.fill_from(&host)?;
+            g.graph.replay()?;
+            return to_host(&g.logits);
+        }
+        // Record: fixed input buffers filled with this step's values, a warm-up run on the side
+        // stream (cuBLAS workspaces, kernel choices), then the capture, then the first replay.
+        let plan = StepPlan::new(&model.cfg, &self.rope, arena, seqs, false, model.kind, self.device, span)?;
+        if plan.first_row() != Some(first_row as i64) {
+            return Err(Error::Internal("graph step on non-consecutive rows".into()));
+        }
+        let graph = CudaGraph::new(index)?;
+        tch::Cuda::synchronize(index as i64);
+        let logits = graph.on_side_stream(|| {
+            let _warm_up = model.forward(&plan, arena)?;
+            tch::Cuda::synchronize(index as i64);
+            graph.capture(|| model.forward(&plan, arena))
+        })?;
+        tch::Cuda::synchronize(index as i64);
+        graph.replay()?;
+        let out = to_host(&logits)?;
+        graphs.insert(key, DecodeGraph { graph, plan, logits });
+        Ok(out)
+    }
+}
+
+/// [rows, vocab] f32 logits on the device -> host vector (the copy waits for the step).
+fn to_host(logits: &Tensor) -> Result<Vec<f32>> {
+    let host = logits
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([-1]))
+        .map_err(tch_err)?;
+    Vec::<f32>::try_from(&host).map_err(tch_err)
 }
 
 impl Backend for TorchBackend {
@@ -105,11 +206,16 @@ impl Backend for TorchBackend {
 
     fn allocate(&self, capacity: usize) -> Result<SlotId> {
         let _guard = tch::no_grad_guard();
-        self.lock().arena.allocate(capacity)
+        let mut st = self.lock();
+        let slot = st.arena.allocate(capacity);
+        st.prune_graphs();
+        slot
     }
 
     fn release(&self, slot: SlotId) {
-        self.lock().arena.release(slot)
+        let mut st = self.lock();
+        st.arena.release(slot);
+        st.prune_graphs();
     }
 
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {

@@ -52,11 +52,15 @@ impl StepPlan {
         all_positions: bool,
         kind: Kind,
         device: Device,
+        fixed_span: Option<usize>,
     ) -> Result<StepPlan> {
         let hd = cfg.head_dim;
         let b = seqs.len();
         let t_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
-        let span = seqs.iter().map(|s| s.start_pos + s.tokens.len()).max().unwrap_or(0);
+        let needed = seqs.iter().map(|s| s.start_pos + s.tokens.len()).max().unwrap_or(0);
+        // A recorded graph attends over a fixed span (the cache capacity), masked beyond each
+        // sequence's end; rope frequencies still follow the real length.
+        let span = fixed_span.unwrap_or(needed).max(needed);
         let mut tokens = vec![0i64; b * t_max];
         let mut positions = vec![0usize; b * t_max];
         let (mut write_rows, mut write_pos, mut write_src, mut out_idx) = (vec![], vec![], vec![], vec![]);
@@ -103,7 +107,7 @@ impl StepPlan {
 
         // cos/sin on the host with the shared rope code (f32, as transformers computes them), cast
         // to the compute dtype on the device as transformers casts them.
-        let inv_freq = rope.inv_freq_for(span);
+        let inv_freq = rope.inv_freq_for(needed);
         let mut cos = vec![0f32; b * t_max * hd];
         let mut sin = vec![0f32; b * t_max * hd];
         for (g, &p) in positions.iter().enumerate() {
@@ -153,6 +157,43 @@ impl StepPlan {
             out_idx: up_i64(&out_idx, device)?,
             masks,
         })
+    }
+}
+
+impl StepPlan {
+    pub fn first_row(&self) -> Option<i64> {
+        self.first_row
+    }
+
+    /// Copies another plan's values (same shapes; built on the host) into this plan's device
+    /// buffers: how a recorded graph gets each step's inputs.
+    pub fn fill_from(&mut self, host: &StepPlan) -> Result<()> {
+        let same = self.batch == host.batch
+            && self.t_max == host.t_max
+            && self.span == host.span
+            && self.first_row == host.first_row
+            && self.write_src.is_none()
+            && host.write_src.is_none()
+            && self.masks.len() == host.masks.len();
+        if !same {
+            return Err(Error::Internal("a recorded decode step was replayed with another shape".into()));
+        }
+        let pairs = [
+            (&mut self.tokens, &host.tokens),
+            (&mut self.cos, &host.cos),
+            (&mut self.sin, &host.sin),
+            (&mut self.rows, &host.rows),
+            (&mut self.write_rows, &host.write_rows),
+            (&mut self.write_pos, &host.write_pos),
+            (&mut self.out_idx, &host.out_idx),
+        ];
+        for (dst, src) in pairs {
+            dst.f_copy_(src).map_err(tch_err)?;
+        }
+        for ((_, dst), (_, src)) in self.masks.iter_mut().zip(&host.masks) {
+            dst.f_copy_(src).map_err(tch_err)?;
+        }
+        Ok(())
     }
 }
 
