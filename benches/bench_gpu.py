@@ -4,7 +4,8 @@ whose step transformers compiles with torch.compile), same random bf16 model, sa
 Shapes (random weights, bf16): Llama-3.2-1B (hidden 2048, 16 layers, 32/8 heads, intermediate
 8192, vocab 128256, tied, llama3 rope) and Mistral-7B (hidden 4096, 32 layers, 32/8 heads,
 intermediate 14336, vocab 32000). Prompt 128 random tokens, 128 new tokens (never stopping
-early), batch 1 and 16. Per engine: decode tok/s (all rows, steps after the first), time to
+early), batch 1 and 16. Engines: kvgen (decode steps as CUDA graphs), kvgen-eager
+(KVGEN_CUDA_GRAPHS=0), hf (dynamic cache), hf-static (static cache, compiled). Per engine: decode tok/s (all rows, steps after the first), time to
 first token, peak GPU memory (torch.cuda.max_memory_allocated: kvgen and torch share libtorch's
 allocator). Usage:
 
@@ -108,11 +109,22 @@ def _measure(run, batch: int, new_tokens: int, repeats: int):
     return statistics.median(ttfts), statistics.median(rates), peak
 
 
-def time_kvgen(model_dir, device, batch, prompt, new_tokens, repeats, vocab):
+def time_kvgen(model_dir, device, batch, prompt, new_tokens, repeats, vocab, graphs: bool = True):
+    import os
+
     import kvgen
 
     backend = "torch"  # also on --smoke's CPU device
-    gen = kvgen.Generator.from_pretrained(str(model_dir), device=device, dtype="bfloat16", backend=backend)
+    # KVGEN_CUDA_GRAPHS=0 (read when the model loads) gives the eager decode step, for comparison.
+    old = os.environ.get("KVGEN_CUDA_GRAPHS")
+    os.environ["KVGEN_CUDA_GRAPHS"] = "1" if graphs else "0"
+    try:
+        gen = kvgen.Generator.from_pretrained(str(model_dir), device=device, dtype="bfloat16", backend=backend)
+    finally:
+        if old is None:
+            os.environ.pop("KVGEN_CUDA_GRAPHS")
+        else:
+            os.environ["KVGEN_CUDA_GRAPHS"] = old
     ids = _ids(batch, prompt, vocab)
 
     def run(n):
@@ -152,7 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama1b,mistral7b")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--engines", default="kvgen,hf,hf-static")
+    ap.add_argument("--engines", default="kvgen,kvgen-eager,hf,hf-static")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -165,7 +177,7 @@ def main() -> int:
     import torch
 
     if args.smoke:
-        args.shapes, args.batches, args.engines = "tiny", "1,2", "kvgen,hf"
+        args.shapes, args.batches, args.engines = "tiny", "1,2", "kvgen,kvgen-eager,hf"
         args.prompt, args.new_tokens, args.repeats = 8, 6, 1
         device = "cpu"
     else:
@@ -186,8 +198,9 @@ def main() -> int:
             for engine in args.engines.split(","):
                 t0 = time.perf_counter()
                 try:
-                    if engine == "kvgen":
-                        r = time_kvgen(model_dir, device, batch, args.prompt, args.new_tokens, args.repeats, vocab)
+                    if engine in ("kvgen", "kvgen-eager"):
+                        graphs = engine == "kvgen"
+                        r = time_kvgen(model_dir, device, batch, args.prompt, args.new_tokens, args.repeats, vocab, graphs)
                     else:
                         static = engine == "hf-static"
                         r = time_transformers(
