@@ -4,8 +4,6 @@
 //! stubs and the backend decodes eagerly; the build itself never fails on it.
 
 use std::env;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const SHIM: &str = "src/backend/torch/graph_shim.cpp";
 
@@ -24,6 +22,8 @@ fn main() {
 #[cfg(feature = "torch")]
 mod shim {
     use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
 
     /// (torch package dir with include/ and lib/, its C++ ABI flag, the Python site dir).
     fn torch_location() -> Option<(PathBuf, String, Option<PathBuf>)> {

@@ -7,7 +7,13 @@ except ImportError as _e:
     # torch loads it (and libc10 etc.) into the process. The plain build never gets here.
     if not any(lib in str(_e) for lib in ("libtorch", "libc10")):
         raise
-    import torch  # noqa: F401
+    try:
+        import torch  # noqa: F401
+    except ImportError as _torch_missing:
+        raise ImportError(
+            "this kvgen build includes the torch backend (cargo feature `torch`) and needs torch==2.11.0 "
+            "installed: pip install torch==2.11.0 (or reinstall kvgen without the feature)"
+        ) from _torch_missing
 
     from . import _kvgen
 from .errors import (

@@ -138,7 +138,7 @@ impl TorchBackend {
             }
         }
         let State { model, arena, .. } = st;
-        let plan = StepPlan::new(&model.cfg, &self.rope, arena, seqs, all_positions, model.kind, self.device, None)?;
+        let plan = StepPlan::new(model, &self.rope, arena, seqs, all_positions, self.device, None)?;
         let logits: Tensor = model.forward(&plan, arena)?;
         to_host(&logits)
     }
@@ -163,14 +163,14 @@ impl TorchBackend {
         let key = GraphKey { batch: seqs.len(), first_row, arena_generation: arena.generation() };
         let span = Some(arena.cap());
         if let Some(g) = graphs.get_mut(&key) {
-            let host = StepPlan::new(&model.cfg, &self.rope, arena, seqs, false, model.kind, Device::Cpu, span)?;
+            let host = StepPlan::new(model, &self.rope, arena, seqs, false, Device::Cpu, span)?;
             g.plan.fill_from(&host)?;
             g.graph.replay()?;
             return to_host(&g.logits);
         }
         // Record: fixed input buffers filled with this step's values, a warm-up run on the side
         // stream (cuBLAS workspaces, kernel choices), then the capture, then the first replay.
-        let plan = StepPlan::new(&model.cfg, &self.rope, arena, seqs, false, model.kind, self.device, span)?;
+        let plan = StepPlan::new(model, &self.rope, arena, seqs, false, self.device, span)?;
         if plan.first_row() != Some(first_row as i64) {
             return Err(Error::Internal("graph step on non-consecutive rows".into()));
         }

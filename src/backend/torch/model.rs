@@ -45,15 +45,15 @@ fn up_i64(v: &[i64], device: Device) -> Result<Tensor> {
 
 impl StepPlan {
     pub fn new(
-        cfg: &ModelConfig,
+        model: &TorchModel,
         rope: &Rope,
         arena: &KvArena,
         seqs: &[SeqInput],
         all_positions: bool,
-        kind: Kind,
         device: Device,
         fixed_span: Option<usize>,
     ) -> Result<StepPlan> {
+        let (cfg, kind) = (&model.cfg, model.kind);
         let hd = cfg.head_dim;
         let b = seqs.len();
         let t_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
