@@ -129,18 +129,25 @@ def test_gpu_memory_is_weights_plus_cache(tmp_path, hf_tok):
     cache_bytes = 2 * cfg.num_hidden_layers * batch * (prompt + new) * cfg.num_key_value_heads * 64 * 2
     # Prefill activations: a few [batch*prompt, intermediate] bf16 tensors and f32 logits of the last rows.
     act_bytes = 6 * batch * prompt * cfg.intermediate_size * 2 + batch * cfg.vocab_size * 4 * 2
+    # Fixed costs that stay allocated: cuBLAS keeps a workspace per (handle, stream) in the
+    # caching allocator (32 MiB on Hopper; the CUDA-graph side stream adds one).
+    overhead = 96 << 20
     torch.cuda.reset_peak_memory_stats()
     gen.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak <= weight_bytes + cache_bytes + act_bytes + (64 << 20), (peak, weight_bytes, cache_bytes, act_bytes)
-    # The cache is given back when generation ends.
-    assert torch.cuda.memory_allocated() - base <= loaded + (16 << 20)
+    assert peak <= weight_bytes + cache_bytes + act_bytes + overhead, (peak, weight_bytes, cache_bytes, act_bytes)
+    # The cache (and the recorded graphs) are given back when generation ends.
+    after = torch.cuda.memory_allocated() - base
+    assert after <= loaded + overhead, (after, loaded)
     used_after = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
     print(
         f"\nGPU memory: weights {weight_bytes / 2**20:.0f} MiB, loaded {loaded / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB "
-        f"(cache {cache_bytes / 2**20:.0f} MiB), device used +{(used_after - used_before) / 2**20:.0f} MiB"
+        f"(cache {cache_bytes / 2**20:.0f} MiB), after {after / 2**20:.0f} MiB, "
+        f"device used +{(used_after - used_before) / 2**20:.0f} MiB"
     )
-    assert used_after - used_before <= peak + (256 << 20)
+    # What nvidia-smi sees: the allocator's reserved blocks plus CUDA modules loaded on first use.
+    assert used_after - used_before <= torch.cuda.max_memory_reserved() + (512 << 20)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
