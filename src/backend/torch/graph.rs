@@ -89,10 +89,11 @@ impl Drop for CudaGraph {
     }
 }
 
-/// A recorded decode step: its fixed input buffers and its output. The static `plan` also holds
-/// the output's dependencies alive (the graph's memory pool owns the intermediates).
+/// A recorded decode step: its fixed input buffers and its output (the graph's memory pool owns
+/// the intermediates). `graph` is None in emulation (KVGEN_CUDA_GRAPHS=emulate): the same fixed
+/// buffers run eagerly, so the graph's inputs are testable on any device.
 pub struct DecodeGraph {
-    pub graph: CudaGraph,
+    pub graph: Option<CudaGraph>,
     pub plan: StepPlan,
     pub logits: Tensor,
 }

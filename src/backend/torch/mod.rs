@@ -86,8 +86,10 @@ pub struct TorchBackend {
     device: Device,
     rope: Rope,
     /// CUDA graphs for decode steps: on a CUDA device when the shim has them, unless
-    /// KVGEN_CUDA_GRAPHS=0.
+    /// KVGEN_CUDA_GRAPHS=0. KVGEN_CUDA_GRAPHS=emulate runs the graph path's fixed buffers
+    /// without recording (any device): how CI on a CPU tests what a graph would read.
     use_graphs: bool,
+    record_graphs: bool,
     /// Tensors are Send but not Sync in tch; steps are serialised (one device stream anyway).
     state: Mutex<State>,
 }
@@ -100,14 +102,15 @@ impl TorchBackend {
         let _guard = tch::no_grad_guard();
         let weights = weights::TorchWeights::upload(weights, kind, device)?;
         let arena = KvArena::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kind, device);
-        let use_graphs = device.is_cuda()
-            && graph::supported()
-            && std::env::var("KVGEN_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let setting = std::env::var("KVGEN_CUDA_GRAPHS").unwrap_or_default();
+        let record_graphs = device.is_cuda() && graph::supported() && setting != "0" && setting != "emulate";
+        let use_graphs = record_graphs || setting == "emulate";
         Ok(TorchBackend {
             vocab_size: cfg.vocab_size,
             device,
             rope: Rope::new(&cfg),
             use_graphs,
+            record_graphs,
             state: Mutex::new(State {
                 model: TorchModel { cfg, weights, kind },
                 arena,
@@ -156,24 +159,33 @@ impl TorchBackend {
     }
 
     fn step_graph(&self, st: &mut State, seqs: &[SeqInput], first_row: usize) -> Result<Vec<f32>> {
-        let Device::Cuda(index) = self.device else {
-            return Err(Error::Internal("CUDA graph on a non-CUDA device".into()));
-        };
         let State { model, arena, graphs, .. } = st;
         let key = GraphKey { batch: seqs.len(), first_row, arena_generation: arena.generation() };
         let span = Some(arena.cap());
         if let Some(g) = graphs.get_mut(&key) {
             let host = StepPlan::new(model, &self.rope, arena, seqs, false, Device::Cpu, span)?;
             g.plan.fill_from(&host)?;
-            g.graph.replay()?;
-            return to_host(&g.logits);
+            return match &g.graph {
+                Some(graph) => {
+                    graph.replay()?;
+                    to_host(&g.logits)
+                }
+                None => to_host(&model.forward(&g.plan, arena)?),
+            };
         }
-        // Record: fixed input buffers filled with this step's values, a warm-up run on the side
-        // stream (cuBLAS workspaces, kernel choices), then the capture, then the first replay.
+        // Fixed input buffers, filled with this step's values.
         let plan = StepPlan::new(model, &self.rope, arena, seqs, false, self.device, span)?;
         if plan.first_row() != Some(first_row as i64) {
             return Err(Error::Internal("graph step on non-consecutive rows".into()));
         }
+        let (Device::Cuda(index), true) = (self.device, self.record_graphs) else {
+            let logits = model.forward(&plan, arena)?;
+            let out = to_host(&logits)?;
+            graphs.insert(key, DecodeGraph { graph: None, plan, logits });
+            return Ok(out);
+        };
+        // Record: a warm-up run on the side stream (cuBLAS workspaces, kernel choices), the
+        // capture, then the first replay.
         let graph = CudaGraph::new(index)?;
         tch::Cuda::synchronize(index as i64);
         let logits = graph.on_side_stream(|| {
@@ -184,7 +196,7 @@ impl TorchBackend {
         tch::Cuda::synchronize(index as i64);
         graph.replay()?;
         let out = to_host(&logits)?;
-        graphs.insert(key, DecodeGraph { graph, plan, logits });
+        graphs.insert(key, DecodeGraph { graph: Some(graph), plan, logits });
         Ok(out)
     }
 }
