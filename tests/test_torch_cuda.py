@@ -95,9 +95,9 @@ def test_seeded_sampling_reproducible_on_gpu(hf_tok, gpu_model):
     a = gen.generate(enc["input_ids"], **kwargs)
     b = gen.generate(enc["input_ids"], **kwargs)
     assert torch.equal(a, b)
-    # A row's tokens do not depend on the other rows (same seed for that row, run alone).
-    one = gen.generate(enc["input_ids"][3:], attention_mask=enc["attention_mask"][3:], **{**kwargs, "seed": [4]})
-    assert one[0].tolist() == a[3].tolist()
+    # Not asserted here: a row's tokens equal to that row run alone. cuBLAS picks kernels by
+    # matrix shape, so on the GPU a row's bf16 logits may change in the last bit with the batch
+    # size (the native CPU kernels are batch-invariant; libtorch's GPU kernels are not).
 
 
 def test_gpu_memory_is_weights_plus_cache(tmp_path, hf_tok):
