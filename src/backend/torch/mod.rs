@@ -131,13 +131,14 @@ impl TorchBackend {
         if let Some(first_row) = self.graph_candidate(st, seqs, all_positions) {
             match self.step_graph(st, seqs, first_row) {
                 Ok(logits) => return Ok(logits),
-                Err(e) => {
-                    // Eager decoding gives the same results; re-running the step rewrites the
-                    // same cache positions.
+                // A libtorch/CUDA fault in recording or replaying: eager decoding gives the same
+                // results, and re-running the step rewrites the same cache positions.
+                Err(e @ Error::Backend(_)) => {
                     eprintln!("kvgen: CUDA graph capture/replay failed ({e}); decoding without CUDA graphs from now on");
                     st.graphs_failed = true;
                     st.graphs.clear();
                 }
+                Err(e) => return Err(e),
             }
         }
         let State { model, arena, .. } = st;
