@@ -13,8 +13,8 @@ pub enum Target {
 
 /// How to get the torch backend, for every error that needs it.
 pub const TORCH_BUILD_HINT: &str = "install torch==2.11.0, then build kvgen with the `torch` feature: \
-     LIBTORCH_USE_PYTORCH=1 MATURIN_PEP517_ARGS=\"--features torch\" pip install --no-build-isolation . \
-     (see README, \"GPU: the torch backend\")";
+     LIBTORCH_USE_PYTORCH=1 MATURIN_PEP517_ARGS=\"--features python,torch --auditwheel skip\" \
+     pip install --no-build-isolation . (see README, \"GPU: the torch backend\")";
 
 fn is_cuda(device: &str) -> bool {
     device == "cuda" || device.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
@@ -75,7 +75,7 @@ mod tests {
             if cfg!(feature = "torch") {
                 assert_eq!(got.unwrap(), Target::Torch { device: d.to_string() });
             } else {
-                assert!(matches!(got, Err(Error::BackendUnavailable(m)) if m.contains("--features torch")));
+                assert!(matches!(got, Err(Error::BackendUnavailable(m)) if m.contains("--features python,torch")));
             }
         }
     }
