@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{cpu::CpuBackend, Backend};
+use crate::backend::{cpu::CpuBackend, select, select::Target, Backend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::LlamaModel;
+use crate::model::llama::{LlamaModel, LlamaWeights};
 use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{gguf::GgufSource, safetensors::SafetensorsSource, TensorSource};
@@ -38,23 +38,30 @@ impl Engine {
     /// Loads a model directory, a .gguf file or a cached hub id; `progress(done, total)` reports
     /// the weights loaded so far.
     pub fn load(name: &str, device: &str, dtype: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
+        Self::load_on(name, device, "auto", dtype, progress)
+    }
+
+    /// `load` with an explicit backend: "auto" (native on CPU, torch on CUDA), "native" or "torch".
+    pub fn load_on(
+        name: &str,
+        device: &str,
+        backend: &str,
+        dtype: &str,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Engine> {
         let dtype = parse_dtype(dtype)?;
-        if device != "cpu" {
-            return Err(Error::BackendUnavailable(format!(
-                "device={device:?} is not available in this build; kvgen's CPU backend serves device=\"cpu\""
-            )));
-        }
+        let target = select::choose(device, backend)?;
         let path = crate::resolve::resolve_model(name)?;
         if path.is_file() {
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-                return Self::load_gguf(&path, dtype, progress);
+                return Self::load_gguf(&path, dtype, &target, progress);
             }
             return Err(Error::invalid(format!(
                 "{} is a file; pass the model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file",
                 path.display()
             )));
         }
-        Self::load_dir(&path, dtype, progress)
+        Self::load_dir(&path, dtype, &target, progress)
     }
 
     /// Refuses prompt + new tokens beyond the trained context, except with dynamic NTK RoPE,
@@ -74,7 +81,12 @@ impl Engine {
     /// A llama.cpp GGUF file: config from its metadata, tokenizer from `tokenizer.ggml.*`, weights
     /// dequantized to `dtype`, or with dtype="auto" block-quantized matrices kept as stored
     /// (the quantized kernels compute on them; other tensors become f32).
-    fn load_gguf(path: &Path, dtype: Option<DType>, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
+    fn load_gguf(
+        path: &Path,
+        dtype: Option<DType>,
+        target: &Target,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Engine> {
         let source = GgufSource::open(path)?;
         let raw = source.config_json()?;
         let generation_config = crate::weights::gguf::generation_config_json(&raw);
@@ -83,19 +95,24 @@ impl Engine {
             other => other,
         })?;
         // "auto" keeps the quantized blocks and computes on them; an explicit dtype dequantizes.
-        let quantized = dtype.is_none();
+        // Only the native kernels compute on blocks: the torch backend gets them dequantized.
+        let quantized = dtype.is_none() && *target == Target::Native;
         let dtype = dtype.unwrap_or(DType::F32);
         let source = if quantized { source.keeping_quantized() } else { source };
         // The one place GGUF weights become matrices: quantized ones kept when `source` keeps
         // them (`Data::Quant` counts as F32, so it passes through), the rest dequantized to `dtype`.
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let model = Arc::new(LlamaModel::new(config.clone(), weights));
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
+        let backend = make_backend(target, &config, weights, dtype)?;
         let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
     }
 
-    fn load_dir(dir: &Path, dtype: Option<DType>, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
+    fn load_dir(
+        dir: &Path,
+        dtype: Option<DType>,
+        target: &Target,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Engine> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
             return Err(Error::NotFound {
@@ -107,8 +124,7 @@ impl Engine {
         let source = SafetensorsSource::open_dir(dir)?;
         let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let model = Arc::new(LlamaModel::new(config.clone(), weights));
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model));
+        let backend = make_backend(target, &config, weights, dtype)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Arc::new(Tokenizer::from_dir(dir)?))
         } else {
@@ -122,5 +138,21 @@ impl Engine {
             serde_json::Value::Object(Default::default())
         };
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype })
+    }
+}
+
+/// The backend for `target`, owning `weights` (the torch backend moves them to its device).
+fn make_backend(target: &Target, config: &ModelConfig, weights: LlamaWeights, dtype: DType) -> Result<Arc<dyn Backend>> {
+    match target {
+        Target::Native => Ok(Arc::new(CpuBackend::new(Arc::new(LlamaModel::new(config.clone(), weights))))),
+        #[cfg(feature = "torch")]
+        Target::Torch { device } => {
+            Ok(Arc::new(crate::backend::torch::TorchBackend::new(config.clone(), weights, device, dtype)?))
+        }
+        #[cfg(not(feature = "torch"))]
+        Target::Torch { .. } => {
+            let _ = dtype;
+            Err(Error::BackendUnavailable(format!("this kvgen build has no torch backend; {}", select::TORCH_BUILD_HINT)))
+        }
     }
 }

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("{0}")]
     BackendUnavailable(String),
 
+    /// A fault inside a backend's runtime (libtorch: out of device memory, a failed kernel).
+    #[error("backend error: {0}")]
+    Backend(String),
+
     /// Tokenizer failures (encode/decode/chat template).
     #[error("tokenizer: {0}")]
     Tokenizer(String),

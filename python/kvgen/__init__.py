@@ -1,7 +1,23 @@
 """kvgen: LLM text generation in Rust, a drop-in for transformers' `model.generate()`."""
 
-from . import _kvgen
+try:
+    from . import _kvgen
+except ImportError as _e:
+    # A build with the `torch` feature links libtorch, which lives in the torch wheel: importing
+    # torch loads it (and libc10 etc.) into the process. The plain build never gets here.
+    if not any(lib in str(_e) for lib in ("libtorch", "libc10")):
+        raise
+    try:
+        import torch  # noqa: F401
+    except ImportError as _torch_missing:
+        raise ImportError(
+            "this kvgen build includes the torch backend (cargo feature `torch`) and needs torch==2.11.0 "
+            "installed: pip install torch==2.11.0 (or reinstall kvgen without the feature)"
+        ) from _torch_missing
+
+    from . import _kvgen
 from .errors import (
+    BackendError,
     BackendUnavailableError,
     ContextLengthError,
     InvalidInputError,
@@ -24,6 +40,7 @@ from .tokenizer import Tokenizer
 __version__ = _kvgen.__version__
 
 __all__ = [
+    "BackendError",
     "BackendUnavailableError",
     "ContextLengthError",
     "GenerateDecoderOnlyOutput",

@@ -42,6 +42,10 @@ class BackendUnavailableError(KvgenError, RuntimeError):
     """The requested device/backend is not built in or cannot start."""
 
 
+class BackendError(KvgenError, RuntimeError):
+    """A fault inside the backend's runtime (for the torch backend: out of GPU memory, a failed kernel)."""
+
+
 class InternalError(KvgenError, RuntimeError):
     """A kvgen bug; please report it."""
 

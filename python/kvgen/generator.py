@@ -80,11 +80,21 @@ class Generator:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, device: str = "cpu", dtype: str = "auto", tp_degree: int = 1, **kwargs: Any
+        cls,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        tp_degree: int = 1,
+        backend: str = "auto",
+        **kwargs: Any,
     ) -> "Generator":
         """Loads an HF model directory, a .gguf file, a packaged model by name
         ("SmolLM2-135M-Instruct"), or a hub id already in the local HF cache. A progress bar is
-        drawn on stderr for large files when stderr is a terminal."""
+        drawn on stderr for large files when stderr is a terminal.
+
+        device: "cpu", "cuda" or "cuda:N". backend: "auto" (kvgen's native kernels on "cpu",
+        libtorch on CUDA), "native", or "torch" (libtorch, also on "cpu"; needs a build with the
+        `torch` feature, else BackendUnavailableError)."""
         if kwargs:
             raise InvalidInputError(f"unknown from_pretrained arguments: {sorted(kwargs)}")
         if tp_degree != 1:
@@ -98,7 +108,11 @@ class Generator:
         name = models.packaged_model_path(name) or name
         try:
             progress = load_progress(name)
-            return cls(_kvgen.Engine.load(name, device, str(dtype).replace("torch.", ""), progress))
+            # str() accepts torch.device / torch.dtype objects as transformers users pass them.
+            engine = _kvgen.Engine.load(name, str(device), str(dtype).replace("torch.", ""), progress, str(backend))
+            gen = cls(engine)
+            gen._device = str(device)
+            return gen
         except ModelNotFoundError as e:
             hint = models.install_hint(name)
             if hint is None:
@@ -116,7 +130,7 @@ class Generator:
 
     @property
     def device(self) -> str:
-        return "cpu"
+        return getattr(self, "_device", "cpu")
 
     @property
     def dtype(self) -> str:

@@ -3,6 +3,9 @@
 //! streaming, batching) is written once in `generation` and `sampling`.
 
 pub mod cpu;
+pub mod select;
+#[cfg(feature = "torch")]
+pub mod torch;
 
 use crate::error::Result;
 

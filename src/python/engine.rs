@@ -139,8 +139,15 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None))]
-    fn load(py: Python<'_>, model: String, device: String, dtype: String, progress: Option<Py<PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string()))]
+    fn load(
+        py: Python<'_>,
+        model: String,
+        device: String,
+        dtype: String,
+        progress: Option<Py<PyAny>>,
+        backend: String,
+    ) -> PyResult<Self> {
         let mut report = |done: usize, total: usize| {
             if let Some(cb) = &progress {
                 // A failing progress display must not fail the load.
@@ -149,7 +156,7 @@ impl PyEngine {
                 });
             }
         };
-        let engine = py.detach(|| guarded(|| Engine::load(&model, &device, &dtype, &mut report))).py()?;
+        let engine = py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, &mut report))).py()?;
         Ok(PyEngine::new(engine))
     }
 

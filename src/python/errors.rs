@@ -15,6 +15,7 @@ fn class_name(err: &Error) -> &'static str {
         Error::UnsupportedArchitecture { .. } => "UnsupportedArchitectureError",
         Error::Numerical(_) => "NumericalError",
         Error::BackendUnavailable(_) => "BackendUnavailableError",
+        Error::Backend(_) => "BackendError",
         Error::Tokenizer(_) => "TokenizerError",
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "ModelNotFoundError",
         Error::Cancelled => "RequestCancelledError",

@@ -12,6 +12,12 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Whether this build links libtorch (the `torch` feature): tests and the Python package ask.
+    m.add("HAS_TORCH", cfg!(feature = "torch"))?;
+    #[cfg(feature = "torch")]
+    m.add("CUDA_GRAPHS", crate::backend::torch::cuda_graphs_built())?;
+    #[cfg(not(feature = "torch"))]
+    m.add("CUDA_GRAPHS", false)?;
     engine::register(m)?;
     tokenizer::register(m)?;
     processing::register(m)?;

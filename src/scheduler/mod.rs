@@ -70,8 +70,10 @@ struct Queue {
     incoming: VecDeque<Waiting>,
     limits: Limits,
     paused: bool,
-    /// Steps to run before pausing (tests: hold a request mid-generation).
-    steps_before_pause: Option<usize>,
+    /// Pause once the step counter reaches this (tests: hold a request mid-generation). An
+    /// absolute count, so a step that was already under way when the pause was asked for does
+    /// not count towards it.
+    pause_at_step: Option<usize>,
     shutdown: bool,
 }
 
@@ -197,7 +199,8 @@ impl Scheduler {
         {
             let mut queue = self.shared.queue();
             queue.paused = paused && after_steps.unwrap_or(0) == 0;
-            queue.steps_before_pause = if paused { after_steps } else { None };
+            let now = self.shared.stats.steps();
+            queue.pause_at_step = if paused { after_steps.filter(|&n| n > 0).map(|n| now + n) } else { None };
         }
         self.shared.wake.notify_all();
     }
@@ -246,6 +249,10 @@ impl Worker {
                         }
                         return;
                     }
+                    if queue.pause_at_step.is_some_and(|at| self.shared.stats.steps() >= at) {
+                        queue.paused = true;
+                        queue.pause_at_step = None;
+                    }
                     let has_work = !running.is_empty() || !waiting.is_empty();
                     if has_work && !queue.paused {
                         break queue.limits;
@@ -261,23 +268,10 @@ impl Worker {
             self.publish(&waiting, &running);
             if !running.is_empty() {
                 running = self.step(running);
-                self.count_down_to_pause();
                 if running.is_empty() && waiting.is_empty() {
                     self.publish(&waiting, &running);
                     trim::return_freed_memory();
                 }
-            }
-        }
-    }
-
-    fn count_down_to_pause(&self) {
-        let mut queue = self.shared.queue();
-        if let Some(left) = queue.steps_before_pause {
-            let left = left.saturating_sub(1);
-            queue.steps_before_pause = Some(left);
-            if left == 0 {
-                queue.paused = true;
-                queue.steps_before_pause = None;
             }
         }
     }

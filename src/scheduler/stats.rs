@@ -43,6 +43,10 @@ impl Stats {
         self.queued_requests.fetch_max(incoming, Relaxed);
     }
 
+    pub fn steps(&self) -> usize {
+        self.steps.load(Relaxed)
+    }
+
     pub fn stepped(&self, sequences: usize, mixed: bool) {
         self.steps.fetch_add(1, Relaxed);
         if mixed {

@@ -1,0 +1,242 @@
+//! The libtorch backend (cargo feature `torch`): the Llama family on libtorch's CPU or CUDA
+//! devices through tch. Weights are uploaded once in the requested dtype, KV caches live on the
+//! device (see `cache`), a step runs the whole batch and returns last-position logits as host f32,
+//! where the shared sampler runs.
+
+mod cache;
+mod graph;
+mod model;
+mod weights;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tch::{Device, Tensor};
+
+use super::{Backend, SeqInput, SlotId};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::LlamaWeights;
+use crate::model::rope::Rope;
+use crate::tensor::DType;
+use cache::KvArena;
+use graph::{CudaGraph, DecodeGraph, GraphKey};
+use model::{StepPlan, TorchModel};
+
+/// Recorded decode graphs kept per arena generation (batch shapes seen in one generation).
+const MAX_GRAPHS: usize = 8;
+
+/// Whether the CUDA-graph shim was compiled with CUDA (build.rs found the headers).
+pub fn cuda_graphs_built() -> bool {
+    graph::supported()
+}
+
+/// libtorch reports a failed op (device out of memory, a kernel error) as a TchError.
+pub(crate) fn tch_err(e: tch::TchError) -> Error {
+    Error::Backend(e.to_string())
+}
+
+/// "cpu", "cuda" or "cuda:N" as a tch device, checking that CUDA and the GPU exist.
+pub fn parse_device(device: &str) -> Result<Device> {
+    if device == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let index = match device.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::invalid(format!("device={device:?} is not a device; use \"cpu\", \"cuda\" or \"cuda:N\"")))?,
+        None => return Err(Error::invalid(format!("device={device:?} is not a device; use \"cpu\", \"cuda\" or \"cuda:N\""))),
+    };
+    if !tch::Cuda::is_available() {
+        return Err(Error::BackendUnavailable(format!(
+            "device={device:?} was asked for, but libtorch finds no CUDA GPU (torch.cuda.is_available() is False: \
+             no NVIDIA GPU/driver here, or a CPU-only torch wheel); use device=\"cpu\""
+        )));
+    }
+    let count = tch::Cuda::device_count().max(0) as usize;
+    if index >= count {
+        return Err(Error::invalid(format!(
+            "device={device:?}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{}); pick one of those",
+            count.saturating_sub(1)
+        )));
+    }
+    Ok(Device::Cuda(index))
+}
+
+struct State {
+    model: TorchModel,
+    arena: KvArena,
+    graphs: HashMap<GraphKey, DecodeGraph>,
+    /// Set after a capture or replay failed: decode steps then run eagerly.
+    graphs_failed: bool,
+}
+
+impl State {
+    /// Drops graphs recorded against replaced or freed arena tensors (and their memory pools).
+    fn prune_graphs(&mut self) {
+        let generation = self.arena.generation();
+        self.graphs.retain(|k, _| k.arena_generation == generation);
+    }
+}
+
+pub struct TorchBackend {
+    vocab_size: usize,
+    device: Device,
+    rope: Rope,
+    /// CUDA graphs for decode steps: on a CUDA device when the shim has them, unless
+    /// KVGEN_CUDA_GRAPHS=0. KVGEN_CUDA_GRAPHS=emulate runs the graph path's fixed buffers
+    /// without recording (any device): how CI on a CPU tests what a graph would read.
+    use_graphs: bool,
+    record_graphs: bool,
+    /// Tensors are Send but not Sync in tch; steps are serialised (one device stream anyway).
+    state: Mutex<State>,
+}
+
+impl TorchBackend {
+    /// Uploads `weights` to `device` as `dtype`; the host copy is dropped layer by layer.
+    pub fn new(cfg: ModelConfig, weights: LlamaWeights, device: &str, dtype: DType) -> Result<TorchBackend> {
+        let device = parse_device(device)?;
+        let kind = weights::kind_of(dtype);
+        let _guard = tch::no_grad_guard();
+        let weights = weights::TorchWeights::upload(weights, kind, device)?;
+        let arena = KvArena::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kind, device);
+        let setting = std::env::var("KVGEN_CUDA_GRAPHS").unwrap_or_default();
+        let record_graphs = device.is_cuda() && graph::supported() && setting != "0" && setting != "emulate";
+        let use_graphs = record_graphs || setting == "emulate";
+        Ok(TorchBackend {
+            vocab_size: cfg.vocab_size,
+            device,
+            rope: Rope::new(&cfg),
+            use_graphs,
+            record_graphs,
+            state: Mutex::new(State {
+                model: TorchModel { cfg, weights, kind },
+                arena,
+                graphs: HashMap::new(),
+                graphs_failed: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic mid-step leaves at worst stale cache contents, which the next writer overwrites.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn step_locked(&self, st: &mut State, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        st.prune_graphs();
+        if let Some(first_row) = self.graph_candidate(st, seqs, all_positions) {
+            match self.step_graph(st, seqs, first_row) {
+                Ok(logits) => return Ok(logits),
+                // A libtorch/CUDA fault in recording or replaying: eager decoding gives the same
+                // results, and re-running the step rewrites the same cache positions.
+                Err(e @ Error::Backend(_)) => {
+                    eprintln!("kvgen: CUDA graph capture/replay failed ({e}); decoding without CUDA graphs from now on");
+                    st.graphs_failed = true;
+                    st.graphs.clear();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let State { model, arena, .. } = st;
+        let plan = StepPlan::new(model, &self.rope, arena, seqs, all_positions, self.device, None)?;
+        let logits: Tensor = model.forward(&plan, arena)?;
+        to_host(&logits)
+    }
+
+    /// The first cache row when this step can run as a recorded graph: a decode step (one new
+    /// token each) over consecutive rows on CUDA, graphs enabled and working.
+    fn graph_candidate(&self, st: &State, seqs: &[SeqInput], all_positions: bool) -> Option<usize> {
+        if !self.use_graphs || st.graphs_failed || all_positions || seqs.iter().any(|s| s.tokens.len() != 1) {
+            return None;
+        }
+        let consecutive = seqs.windows(2).all(|p| p[1].slot == p[0].slot + 1);
+        let first = seqs.first()?.slot;
+        let key = GraphKey { batch: seqs.len(), first_row: first, arena_generation: st.arena.generation() };
+        (consecutive && (st.graphs.contains_key(&key) || st.graphs.len() < MAX_GRAPHS)).then_some(first)
+    }
+
+    fn step_graph(&self, st: &mut State, seqs: &[SeqInput], first_row: usize) -> Result<Vec<f32>> {
+        let State { model, arena, graphs, .. } = st;
+        let key = GraphKey { batch: seqs.len(), first_row, arena_generation: arena.generation() };
+        let span = Some(arena.cap());
+        if let Some(g) = graphs.get_mut(&key) {
+            let host = StepPlan::new(model, &self.rope, arena, seqs, false, Device::Cpu, span)?;
+            g.plan.fill_from(&host)?;
+            return match &g.graph {
+                Some(graph) => {
+                    graph.replay()?;
+                    to_host(&g.logits)
+                }
+                None => to_host(&model.forward(&g.plan, arena)?),
+            };
+        }
+        // Fixed input buffers, filled with this step's values.
+        let plan = StepPlan::new(model, &self.rope, arena, seqs, false, self.device, span)?;
+        if plan.first_row() != Some(first_row as i64) {
+            return Err(Error::Internal("graph step on non-consecutive rows".into()));
+        }
+        let (Device::Cuda(index), true) = (self.device, self.record_graphs) else {
+            let logits = model.forward(&plan, arena)?;
+            let out = to_host(&logits)?;
+            graphs.insert(key, DecodeGraph { graph: None, plan, logits });
+            return Ok(out);
+        };
+        // Record: a warm-up run on the side stream (cuBLAS workspaces, kernel choices), the
+        // capture, then the first replay.
+        let graph = CudaGraph::new(index)?;
+        tch::Cuda::synchronize(index as i64);
+        let logits = graph.on_side_stream(|| {
+            let _warm_up = model.forward(&plan, arena)?;
+            tch::Cuda::synchronize(index as i64);
+            graph.capture(|| model.forward(&plan, arena))
+        })?;
+        tch::Cuda::synchronize(index as i64);
+        graph.replay()?;
+        let out = to_host(&logits)?;
+        graphs.insert(key, DecodeGraph { graph: Some(graph), plan, logits });
+        Ok(out)
+    }
+}
+
+/// [rows, vocab] f32 logits on the device -> host vector (the copy waits for the step).
+fn to_host(logits: &Tensor) -> Result<Vec<f32>> {
+    let host = logits
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([-1]))
+        .map_err(tch_err)?;
+    Vec::<f32>::try_from(&host).map_err(tch_err)
+}
+
+impl Backend for TorchBackend {
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn allocate(&self, capacity: usize) -> Result<SlotId> {
+        let _guard = tch::no_grad_guard();
+        let mut st = self.lock();
+        let slot = st.arena.allocate(capacity);
+        st.prune_graphs();
+        slot
+    }
+
+    fn release(&self, slot: SlotId) {
+        let mut st = self.lock();
+        st.arena.release(slot);
+        st.prune_graphs();
+    }
+
+    fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut st = self.lock();
+        self.step_locked(&mut st, seqs, all_positions)
+    }
+}
+
