@@ -12,7 +12,7 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -86,9 +86,11 @@ pub(crate) fn run(chunks: usize, f: &(dyn Fn(usize) + Sync)) {
         Some(t) => t,
         None => return rayon_run(chunks, f),
     };
+    // `busy` guards no data: a fork that panicked (and so poisoned it) leaves the team usable.
     let _guard = match team.busy.try_lock() {
         Ok(g) => g,
-        Err(_) => return rayon_run(chunks, f),
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return rayon_run(chunks, f),
     };
     // SAFETY: we hold `busy`, and the previous fork finished (every chunk done) before its holder
     // released it, so no worker is inside a job; the lifetime is erased only for the duration of
@@ -198,6 +200,19 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "chunks={chunks}");
             }
         }
+    }
+
+    #[test]
+    fn a_panicking_chunk_is_raised_and_the_team_still_runs() {
+        let caught = std::panic::catch_unwind(|| {
+            run(4, &|c| {
+                if c == 2 {
+                    panic!("chunk 2");
+                }
+            })
+        });
+        assert!(caught.is_err());
+        every_chunk_runs_exactly_once();
     }
 
     #[test]
