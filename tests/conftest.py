@@ -4,7 +4,7 @@ and the kvgen generators loaded from the same directories.
 Factories (session scoped, cached):
     model_dir(kind, dtype="float32", sharded=False) -> Path of an HF model directory
     hf_model(kind, dtype="float32", attn="eager")    -> transformers model, eval, f32 compute
-    kv_model(kind, dtype="float32", sharded=False, kv_dtype="auto") -> kvgen.Generator
+    kv_model(kind, dtype="float32", sharded=False, kv_dtype="auto", backend="auto") -> kvgen.Generator
 `dtype` is the dtype the checkpoint is *stored* in; `kv_dtype` is kvgen's `dtype=` argument.
 
 Reference attention: "eager" (plain softmax(QK^T)V). "sdpa" (transformers' default) agrees with it
@@ -101,11 +101,11 @@ def hf_model(model_dir):
 def kv_model(model_dir, kvgen):
     cache: dict = {}
 
-    def get(kind: str, dtype: str = "float32", sharded: bool = False, kv_dtype: str = "auto"):
-        key = (kind, dtype, sharded, kv_dtype)
+    def get(kind: str, dtype: str = "float32", sharded: bool = False, kv_dtype: str = "auto", backend: str = "auto"):
+        key = (kind, dtype, sharded, kv_dtype, backend)
         if key not in cache:
             cache[key] = kvgen.Generator.from_pretrained(
-                str(model_dir(kind, dtype, sharded)), dtype=kv_dtype
+                str(model_dir(kind, dtype, sharded)), dtype=kv_dtype, backend=backend
             )
         return cache[key]
 

@@ -32,14 +32,9 @@ LOGITS_ATOL = 1e-4
 
 
 @pytest.fixture(scope="session")
-def torch_model(model_dir):
-    cache: dict = {}
-
+def torch_model(kv_model):
     def get(kind: str, dtype: str = "float32", kv_dtype: str = "auto"):
-        key = (kind, dtype, kv_dtype)
-        if key not in cache:
-            cache[key] = kvgen.Generator.from_pretrained(str(model_dir(kind, dtype)), dtype=kv_dtype, backend="torch")
-        return cache[key]
+        return kv_model(kind, dtype, kv_dtype=kv_dtype, backend="torch")
 
     return get
 

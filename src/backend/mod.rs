@@ -29,6 +29,15 @@ pub trait Backend: Send + Sync {
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;
 }
 
+/// The backends' backstop against ids beyond the embedding (callers validate first): an error
+/// naming the sequence and position instead of an out-of-bounds read.
+pub(crate) fn check_token(id: u32, seq: usize, position: usize, vocab_size: usize) -> Result<()> {
+    if (id as usize) < vocab_size {
+        return Ok(());
+    }
+    Err(crate::error::Error::TokenOutOfRange { id: id as i64, row: seq, position, vocab_size })
+}
+
 /// Releases its slot when dropped, so an error or interrupt never leaks a cache.
 pub struct SlotGuard<'a> {
     backend: &'a dyn Backend,

@@ -5,6 +5,7 @@
 
 
 use crate::backend::cpu::cache::KvCache;
+use crate::backend::check_token;
 use crate::backend::cpu::kernels::{self, AttnSeq, Proj};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -100,14 +101,7 @@ impl LlamaModel {
         for (s, seq) in seqs.iter().enumerate() {
             for (t, &id) in seq.tokens.iter().enumerate() {
                 let row = offsets[s] + t;
-                if id as usize >= cfg.vocab_size {
-                    return Err(Error::TokenOutOfRange {
-                        id: id as i64,
-                        row: s,
-                        position: seq.start_pos + t,
-                        vocab_size: cfg.vocab_size,
-                    });
-                }
+                check_token(id, s, seq.start_pos + t, cfg.vocab_size)?;
                 self.weights.embed.row_f32(id as usize, &mut x[row * h..(row + 1) * h]);
                 positions.push(seq.start_pos + t);
             }

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use super::cache::KvArena;
 use super::tch_err;
 use super::weights::{TorchLayer, TorchWeights};
-use crate::backend::SeqInput;
+use crate::backend::{check_token, SeqInput};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -83,14 +83,7 @@ impl StepPlan {
                 positions[g] = s.start_pos + t_real;
                 if t < s.tokens.len() {
                     let id = s.tokens[t];
-                    if id as usize >= cfg.vocab_size {
-                        return Err(Error::TokenOutOfRange {
-                            id: id as i64,
-                            row: si,
-                            position: s.start_pos + t,
-                            vocab_size: cfg.vocab_size,
-                        });
-                    }
+                    check_token(id, si, s.start_pos + t, cfg.vocab_size)?;
                     tokens[g] = id as i64;
                     write_rows.push(s.slot as i64);
                     write_pos.push((s.start_pos + t) as i64);
