@@ -62,6 +62,15 @@ pub enum Error {
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// Memory that could not be reserved (a KV cache, a buffer sized by the request or the model
+    /// file): the message names how much was asked for and how to ask for less.
+    #[error("{0}")]
+    OutOfMemory(String),
+
+    /// The service is at a configured bound (its admission queue is full): try again later.
+    #[error("{0}")]
+    Overloaded(String),
+
     /// A kvgen bug: an invariant that should hold did not.
     #[error("internal error (please report): {0}")]
     Internal(String),
@@ -73,6 +82,9 @@ impl Error {
     }
     pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::BadModelFile { path: path.into(), message: msg.into() }
+    }
+    pub fn out_of_memory(msg: impl Into<String>) -> Self {
+        Error::OutOfMemory(msg.into())
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }

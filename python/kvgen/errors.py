@@ -1,5 +1,6 @@
 """kvgen's exceptions. Each also derives the builtin a caller would catch (ValueError for bad input,
-FileNotFoundError for missing files, RuntimeError for numerical and backend faults)."""
+FileNotFoundError for missing files, MemoryError when memory cannot be reserved, RuntimeError for
+numerical and backend faults)."""
 
 
 class KvgenError(Exception):
@@ -52,3 +53,11 @@ class InternalError(KvgenError, RuntimeError):
 
 class RequestCancelledError(KvgenError, RuntimeError):
     """The generation was cancelled (its task was cancelled, its stream closed, its client left)."""
+
+
+class OutOfMemoryError(KvgenError, MemoryError):
+    """Memory for a request or a model could not be reserved; the message says how much and how to ask for less."""
+
+
+class OverloadedError(KvgenError, RuntimeError):
+    """The scheduler's admission queue is full; retry later (the server answers 429 with Retry-After)."""

@@ -24,6 +24,10 @@ pub trait Backend: Send + Sync {
     /// Preallocates a KV cache for `capacity` positions.
     fn allocate(&self, capacity: usize) -> Result<SlotId>;
     fn release(&self, slot: SlotId);
+    /// Bytes of KV cache one position of one sequence takes (what the scheduler's budget counts).
+    fn cache_bytes_per_position(&self) -> usize;
+    /// Bytes of KV cache the backend holds right now, for every slot and arena together.
+    fn cache_bytes_reserved(&self) -> usize;
     /// Returns logits (f32, vocab wide) for the last new token of each sequence, or for every new
     /// token when `all_positions`, in input order.
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;

@@ -64,6 +64,11 @@ impl LlamaModel {
         self.cfg.vocab_size
     }
 
+    /// Keys and values of every layer for one position, in f32.
+    pub fn cache_bytes_per_position(&self) -> usize {
+        2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * self.cfg.head_dim * std::mem::size_of::<f32>()
+    }
+
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, capacity)
     }

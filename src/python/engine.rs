@@ -81,10 +81,9 @@ impl PyEngine {
         self.scheduler.get().ok_or_else(|| to_py(Error::Internal("the scheduler did not start".into())))
     }
 
-    /// Bytes of f32 key and value cache per sequence position.
+    /// Bytes of key and value cache per sequence position on this engine's backend.
     fn cache_bytes_per_token(&self) -> usize {
-        let c = &self.inner.config;
-        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * std::mem::size_of::<f32>()
+        self.inner.backend.cache_bytes_per_position()
     }
 
     /// Validates a generate call's arguments into a request; also returns its batch size.
@@ -280,6 +279,7 @@ impl PyEngine {
         d.set_item("max_sequences", limits.max_sequences)?;
         d.set_item("max_cache_tokens", limits.max_cache_positions)?;
         d.set_item("cache_bytes_per_token", self.cache_bytes_per_token())?;
+        d.set_item("cache_bytes_reserved", self.inner.backend.cache_bytes_reserved())?;
         Ok(d)
     }
 

@@ -19,6 +19,8 @@ fn class_name(err: &Error) -> &'static str {
         Error::Tokenizer(_) => "TokenizerError",
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "ModelNotFoundError",
         Error::Cancelled => "RequestCancelledError",
+        Error::OutOfMemory(_) => "OutOfMemoryError",
+        Error::Overloaded(_) => "OverloadedError",
         Error::Io { .. } | Error::Callback(_) | Error::Internal(_) | Error::Interrupted => "InternalError",
     }
 }

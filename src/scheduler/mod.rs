@@ -445,6 +445,12 @@ mod tests {
         fn release(&self, _slot: SlotId) {
             self.live.fetch_sub(1, Ordering::SeqCst);
         }
+        fn cache_bytes_per_position(&self) -> usize {
+            8
+        }
+        fn cache_bytes_reserved(&self) -> usize {
+            0
+        }
         fn step(&self, seqs: &[SeqInput], _all: bool) -> Result<Vec<f32>> {
             std::thread::sleep(Duration::from_micros(200));
             let mut out = Vec::with_capacity(seqs.len() * VOCAB);

@@ -57,6 +57,20 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn cache_bytes_per_position(&self) -> usize {
+        self.model.cache_bytes_per_position()
+    }
+
+    fn cache_bytes_reserved(&self) -> usize {
+        self.lock()
+            .iter()
+            .map(|s| match s {
+                SlotState::Idle(c) => c.capacity() * self.model.cache_bytes_per_position(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
         let mut caches = Vec::with_capacity(seqs.len());
         {

@@ -49,6 +49,16 @@ impl KvArena {
         self.cap
     }
 
+    /// Keys and values of every layer for one position of one row.
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.n_layers * (self.kv_heads * self.head_dim) as usize * self.kind.elt_size_in_bytes()
+    }
+
+    /// Device memory the arena tensors hold now.
+    pub fn bytes_reserved(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.numel() * self.kind.elt_size_in_bytes()).sum()
+    }
+
     pub fn capacity_of(&self, row: usize) -> Option<usize> {
         self.rows.get(row).copied().flatten()
     }

@@ -231,6 +231,14 @@ impl Backend for TorchBackend {
         st.prune_graphs();
     }
 
+    fn cache_bytes_per_position(&self) -> usize {
+        self.lock().arena.bytes_per_position()
+    }
+
+    fn cache_bytes_reserved(&self) -> usize {
+        self.lock().arena.bytes_reserved()
+    }
+
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
