@@ -68,7 +68,7 @@ impl Engine {
     /// which exists to stretch it.
     pub fn check_context(&self, longest_prompt: usize, new_tokens: usize) -> Result<()> {
         let limit = self.config.max_position_embeddings;
-        let total = longest_prompt + new_tokens;
+        let total = longest_prompt.saturating_add(new_tokens);
         if total > limit && !matches!(self.config.rope_scaling, crate::config::RopeScaling::Dynamic { .. }) {
             return Err(Error::ContextOverflow(format!(
                 "prompt length {longest_prompt} + max_new_tokens {new_tokens} = {total} exceeds the model's \

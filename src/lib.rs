@@ -4,6 +4,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod faults;
 pub mod generation;
 pub mod model;
 pub mod resolve;

@@ -443,3 +443,31 @@ def test_left_padding_does_not_warn(gen, enc, caplog):
 
 def test_transformers_version_is_5():
     assert int(transformers.__version__.split(".")[0]) >= 5
+
+
+def test_flat_list_with_several_return_sequences_gives_one_list_per_row(gen):
+    out = gen.generate([5, 6, 7], do_sample=True, num_return_sequences=3, max_new_tokens=4, min_new_tokens=4, seed=1)
+    assert isinstance(out, list) and len(out) == 3, out
+    assert all(isinstance(row, list) and row[:3] == [5, 6, 7] and len(row) == 7 for row in out), out
+    assert out == gen.generate([[5, 6, 7]], do_sample=True, num_return_sequences=3, max_new_tokens=4, min_new_tokens=4, seed=1)
+    assert isinstance(gen.generate([5, 6, 7], max_new_tokens=2)[0], int)  # one row out stays flat
+
+
+def test_logprobs_are_computed_per_step_from_the_raw_logits(gen):
+    """The engine's per-step logprobs (what the server's `logprobs` reports) equal a float64
+    log-softmax of that step's raw logits, top entries in a stable sort's order."""
+    kwargs = dict(max_new_tokens=6, do_sample=True, seed=3, num_return_sequences=2, return_dict_in_generate=True, output_logits=True)
+    request, _ = gen._submit([[5, 6, 7]], kwargs, stream_steps=False, doorbell=False, logprobs=4)
+    tokens, _, logits, logprobs = request.wait_result()
+    compared = 0
+    for row in range(2):
+        assert 1 <= len(logprobs[row]) <= tokens.shape[1]
+        for step, (token, logprob, top) in enumerate(logprobs[row]):
+            raw = logits[step][row].astype(np.float64)
+            ref = raw - raw.max() - np.log(np.exp(raw - raw.max()).sum())
+            assert token == tokens[row, step]
+            assert logprob == pytest.approx(ref[token], abs=1e-9)
+            assert [t for t, _ in top] == list(np.argsort(-ref, kind="stable")[:4])
+            assert [v for _, v in top] == pytest.approx(list(np.sort(ref)[::-1][:4]), abs=1e-9)
+            compared += 1
+    assert compared >= 2

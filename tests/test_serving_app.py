@@ -176,7 +176,7 @@ def test_prompt_batches_and_token_prompts(app, gen):
         ({"prompt": PROMPT, "top_p": 0}, 422, "top_p"),
         ({"prompt": PROMPT, "max_tokens": 0}, 422, "max_tokens"),
         ({"prompt": PROMPT, "n": 0}, 422, "n"),
-        ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+        ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "limit of 4"),
         ({"prompt": PROMPT, "frequency_penalty": 0.5}, 422, "frequency_penalty"),
         ({"prompt": PROMPT, "bogus": 1}, 422, "bogus"),
         ({}, 422, "prompt"),
@@ -184,7 +184,7 @@ def test_prompt_batches_and_token_prompts(app, gen):
         ({"prompt": "word " * 150}, 400, "limit of 100"),
         ({"prompt": [5, 10**6], "max_tokens": 3}, 400, "out of range"),
         ({"prompt": PROMPT, "logprobs": 2, "stream": True}, 400, "logprobs"),
-        ({"prompt": PROMPT, "logprobs": 9}, 422, "logprobs"),
+        ({"prompt": PROMPT, "logprobs": 9}, 400, "limit of 5"),
     ],
 )
 def test_bad_requests_get_openai_style_errors(app, body, status, words):

@@ -100,3 +100,36 @@ def test_astream_matches_stream_and_keeps_loop_responsive(kv_model):
     expected = gen.generate(PROMPTS[2], max_new_tokens=600, min_new_tokens=600)
     assert "".join(parts) == expected
     assert max(gaps) < 0.05, f"event loop blocked for {max(gaps) * 1e3:.0f} ms"
+
+
+def test_assembler_decodes_a_bounded_window_per_token():
+    """Streaming a long text costs O(tokens): each push decodes a few recent tokens, never the
+    whole text (which made a long stream O(tokens^2) on the event loop)."""
+    widths = []
+
+    def decode(ids):
+        widths.append(len(ids))
+        return _byte_decode(ids)
+
+    text = ("stream me, ünïcode 😀 and all; " * 200).encode("utf-8")
+    asm = TextAssembler(decode, ["never-there"])
+    out = "".join(asm.push(b) for b in text) + asm.finish()
+    assert out == text.decode("utf-8")
+    assert len(text) > 5000 and max(widths) <= 16, max(widths)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(gguf_path, kvgen):
+    return kvgen.Generator.from_pretrained(gguf_path).tokenizer
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_assembler_equals_full_decode_on_real_tokenizers(gen, smollm2_tokenizer, seed):
+    import random
+
+    rng = random.Random(seed)
+    for tok in (gen.tokenizer, smollm2_tokenizer):
+        ids = [rng.randrange(len(tok)) for _ in range(400)]
+        decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+        asm = TextAssembler(decode, [])
+        assert "".join(asm.push(t) for t in ids) + asm.finish() == decode(ids)

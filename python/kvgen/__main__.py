@@ -66,10 +66,24 @@ def _serve(gen: Any, args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"kvgen: serving needs fastapi and uvicorn ({e}); pip install 'kvgen[serve]'", file=sys.stderr)
         return 2
-    if args.max_batch_size is not None:
-        gen.set_scheduler_limits(max_sequences=args.max_batch_size)
-    serve(gen, host=args.host, port=args.port, model_name=args.model_name, max_tokens_limit=args.max_tokens_limit)
+    from .server import ServerLimits
+
+    if args.max_batch_size is not None or args.max_cache_tokens is not None:
+        gen.set_scheduler_limits(max_sequences=args.max_batch_size, max_cache_tokens=args.max_cache_tokens)
+    limits = {name: getattr(args, name) for name in ServerLimits.__dataclass_fields__ if getattr(args, name) is not None}
+    serve(gen, host=args.host, port=args.port, model_name=args.model_name, max_connections=args.max_connections, **limits)
     return 0
+
+
+def _add_server_limits(parser: argparse.ArgumentParser) -> None:
+    """One --flag per ServerLimits field (defaults shown are the server's)."""
+    import dataclasses
+
+    from .server import ServerLimits
+
+    for f in dataclasses.fields(ServerLimits):
+        default = "the model's context, at most 8192" if f.default is None else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=None, help=f"(default: {default})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the file name)")
-    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together (the rest queue)")
+    s.add_argument("--max-cache-tokens", type=int, default=None, help="KV-cache positions reserved together (the budget)")
+    s.add_argument("--max-connections", type=int, default=1024, help="open connections uvicorn accepts (beyond: 503)")
+    try:
+        _add_server_limits(s)
+    except ImportError:
+        pass  # fastapi missing: `serve` reports it when asked for
     args = parser.parse_args(argv)
 
     import kvgen

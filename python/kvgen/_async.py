@@ -1,25 +1,61 @@
-"""Waiting for a native Request from asyncio without a thread: the event loop watches the
-request's doorbell socket and polls it when it rings, so the loop only ever does
-non-blocking work. Leaving the wait early (the task was cancelled, the consumer stopped)
-cancels the generation, which frees its cache slots at the scheduler's next step."""
+"""Waiting for native Requests from asyncio without a thread or a socket per request: each event
+loop has one doorbell (a socket pair in Rust) that every request submitted from it rings; the
+loop watches it with `add_reader` and wakes just the waiters whose tickets it returns, so the
+loop only ever does non-blocking work. Leaving a wait early (the task was cancelled, the consumer
+stopped) cancels the generation, which frees its cache slots at the scheduler's next step."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any, AsyncIterator, Callable
+
+from . import _kvgen
 
 # The longest the loop runs this module's work before letting other tasks in.
 _TURN_S = 0.002
 
 
+class _LoopBell:
+    """The doorbell of one event loop and the waiters registered on it, by ticket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.bell = _kvgen.Doorbell()
+        self.waiters: dict[int, asyncio.Event] = {}
+        loop.add_reader(self.bell.fileno(), self._ring)
+
+    def _ring(self) -> None:
+        for ticket in self.bell.take_ready():
+            event = self.waiters.get(ticket)
+            if event is not None:
+                event.set()
+
+
+_BELLS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBell]" = weakref.WeakKeyDictionary()
+
+
+def _loop_bell() -> _LoopBell:
+    loop = asyncio.get_running_loop()
+    bell = _BELLS.get(loop)
+    if bell is None:
+        bell = _BELLS[loop] = _LoopBell(loop)
+    return bell
+
+
+def loop_doorbell() -> Any:
+    """The running event loop's native Doorbell, to submit requests with."""
+    return _loop_bell().bell
+
+
 async def request_steps(request: Any) -> AsyncIterator[list[int]]:
     """Yields each step's tokens (one per row) as they come; the request's result is ready
-    (`request.result()`) when the iteration ends. Cancels the request if abandoned."""
-    loop = asyncio.get_running_loop()
-    fd = request.fileno()
+    (`request.result()`) when the iteration ends. Cancels the request if abandoned. The request
+    must have been submitted with this loop's doorbell (`loop_doorbell()`)."""
+    bell = _loop_bell()
+    ticket = request.ticket
     rang = asyncio.Event()
-    loop.add_reader(fd, rang.set)
+    bell.waiters[ticket] = rang
     finished = False
     try:
         while True:
@@ -38,7 +74,7 @@ async def request_steps(request: Any) -> AsyncIterator[list[int]]:
                 return
             await rang.wait()
     finally:
-        loop.remove_reader(fd)
+        bell.waiters.pop(ticket, None)
         if not finished:
             request.cancel()
 

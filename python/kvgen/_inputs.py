@@ -29,8 +29,9 @@ class PreparedInputs:
             return torch.from_numpy(np.ascontiguousarray(sequences)).to(self.torch_device)
         if self.kind == "numpy":
             return sequences.astype(np.int64, copy=False)
-        if self.kind == "list":
+        if self.kind == "list" and sequences.shape[0] == 1:
             return [int(t) for t in sequences[0]]
+        # A flat list in with several rows out (num_return_sequences > 1): one list per row.
         return [[int(t) for t in row] for row in sequences]
 
     def wrap_floats(self, array: np.ndarray) -> Any:

@@ -8,9 +8,10 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# OpenAI allows up to 4 stop sequences.
-MAX_STOP = 4
+# Hard ceilings of the schema; each server applies its own (lower, configurable) ServerLimits.
+MAX_STOP = 64
 MAX_N = 16
+MAX_LOGPROBS = 20
 
 
 class _Sampling(BaseModel):
@@ -62,7 +63,7 @@ class CompletionRequest(_Sampling):
     echo: Literal[False] = False
     best_of: Optional[Literal[1]] = None
     suffix: Optional[Literal[None]] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -95,7 +96,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @property
     def token_budget(self) -> Optional[int]:

@@ -39,6 +39,11 @@ _UNSUPPORTED = {
     "prompt_lookup_num_tokens": (None,),
 }
 
+# A hard bound far above any context (the scheduler's cache budget refuses much less); it keeps
+# sizes inside the native integer range.
+_MAX_NEW_TOKENS = 1 << 31
+
+
 @dataclass
 class _Call:
     """A generate() call, prepared: what the native engine gets and what formatting needs."""
@@ -209,7 +214,7 @@ class Generator:
         Safe to call from many threads at once: concurrent calls share the model's steps."""
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
         on_step = self._start_streamer(streamer, call)
-        new_tokens, scores, logits = self._engine.generate(call.ids, call.mask, **call.engine_kwargs, on_step=on_step)
+        new_tokens, scores, logits, _ = self._engine.generate(call.ids, call.mask, **call.engine_kwargs, on_step=on_step)
         if streamer is not None:
             streamer.end()
         return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
@@ -231,22 +236,31 @@ class Generator:
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
         request = self._submit_call(call, stream_steps=streamer is not None, doorbell=True)
         on_step = self._start_streamer(streamer, call)
-        new_tokens, scores, logits = await wait_request(request, on_step)
+        new_tokens, scores, logits, _ = await wait_request(request, on_step)
         if streamer is not None:
             streamer.end()
         return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
 
-    def _submit(self, inputs: Any, kwargs: dict, *, stream_steps: bool, doorbell: bool) -> tuple[Any, "_Call"]:
-        """Starts a generation without waiting for it: (native Request, the prepared call)."""
+    def _submit(
+        self, inputs: Any, kwargs: dict, *, stream_steps: bool, doorbell: bool, logprobs: int | None = None
+    ) -> tuple[Any, "_Call"]:
+        """Starts a generation without waiting for it: (native Request, the prepared call).
+        `logprobs=k` has each generated token's log-probability and the k likeliest computed per step."""
         kwargs = dict(kwargs)
         generation_config = kwargs.pop("generation_config", None)
         attention_mask = kwargs.pop("attention_mask", None)
         seed = kwargs.pop("seed", None)
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
-        return self._submit_call(call, stream_steps=stream_steps, doorbell=doorbell), call
+        return self._submit_call(call, stream_steps=stream_steps, doorbell=doorbell, logprobs=logprobs), call
 
-    def _submit_call(self, call: "_Call", *, stream_steps: bool, doorbell: bool) -> Any:
-        return self._engine.submit(call.ids, call.mask, **call.engine_kwargs, stream_steps=stream_steps, doorbell=doorbell)
+    def _submit_call(self, call: "_Call", *, stream_steps: bool, doorbell: bool, logprobs: int | None = None) -> Any:
+        """Submits to the scheduler; `doorbell=True` rings the running event loop's doorbell."""
+        from ._async import loop_doorbell
+
+        bell = loop_doorbell() if doorbell else None
+        return self._engine.submit(
+            call.ids, call.mask, **call.engine_kwargs, logprobs=logprobs, stream_steps=stream_steps, doorbell=bell
+        )
 
     def _start_streamer(self, streamer: Any, call: "_Call") -> Any:
         """Gives an HF-style streamer the prompt; returns the per-step callback (or None)."""
@@ -305,6 +319,10 @@ class Generator:
         if cfg.min_new_tokens is not None:
             min_length = cfg.min_new_tokens + input_len
         steps = max(1, max_length - input_len)
+        if steps > _MAX_NEW_TOKENS:
+            raise InvalidInputError(
+                f"max_new_tokens={steps} exceeds kvgen's limit of {_MAX_NEW_TOKENS} new tokens per call; ask for fewer"
+            )
 
         cfg.min_length = min_length
         cfg.eos_token_id = eos_ids
@@ -334,14 +352,25 @@ class Generator:
         steps, `max_step_sequences` (the most rows one model step has run), limits."""
         return self._engine.scheduler_stats()
 
-    def set_scheduler_limits(self, max_sequences: int | None = None, max_cache_tokens: int | None = None) -> None:
+    def set_scheduler_limits(
+        self,
+        max_sequences: int | None = None,
+        max_cache_tokens: int | None = None,
+        max_queued_requests: int | None = None,
+    ) -> None:
         """Bounds what runs at once (the rest waits in arrival order): sequences decoding
         together, and KV-cache positions reserved together (prompt + max_new_tokens per row;
-        `scheduler_stats()["cache_bytes_per_token"]` converts to bytes)."""
-        for name, value in (("max_sequences", max_sequences), ("max_cache_tokens", max_cache_tokens)):
+        `scheduler_stats()["cache_bytes_per_token"]` converts to bytes). A call that could never
+        fit them raises InvalidInputError at once. `max_queued_requests` bounds the calls waiting
+        for admission; beyond it a call raises OverloadedError."""
+        for name, value in (
+            ("max_sequences", max_sequences),
+            ("max_cache_tokens", max_cache_tokens),
+            ("max_queued_requests", max_queued_requests),
+        ):
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
                 raise InvalidInputError(f"{name}={value!r} must be a positive integer")
-        self._engine.set_scheduler_limits(max_sequences, max_cache_tokens)
+        self._engine.set_scheduler_limits(max_sequences, max_cache_tokens, max_queued_requests)
 
     def _max_length(self, cfg: GenerationConfig, input_len: int, has_default_max_length: bool) -> int:
         if cfg.max_new_tokens is not None:

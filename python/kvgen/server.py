@@ -5,9 +5,15 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the model's chat template applied),
 both with `"stream": true` as server-sent events in OpenAI's chunk format ending with
-`data: [DONE]`; GET /v1/models; GET /health. Every request becomes one kvgen request per prompt
-in the engine's continuous-batching scheduler, so concurrent clients share model steps; a
-client that disconnects cancels its generation and frees its cache slots.
+`data: [DONE]`; GET /v1/models; GET /health. Every HTTP request becomes one kvgen request (all
+its prompts and choices as rows) in the engine's continuous-batching scheduler, so concurrent
+clients share model steps; a client that disconnects cancels its generation and frees its cache
+slots.
+
+Every size a client controls is bounded (`ServerLimits`): the body, rows per request, prompt
+tokens, max_tokens, stop strings, logprobs, requests in flight and requests queued for the model.
+Over a limit a request gets an OpenAI-style error at once (400, 413, or 429 with Retry-After);
+nothing a client sends is allocated or computed before its size is checked.
 """
 
 from __future__ import annotations
@@ -16,20 +22,59 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Optional
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ._async import request_steps
 from ._openai_schema import ChatCompletionRequest, CompletionRequest, _Sampling
-from .errors import InvalidInputError, KvgenError
+from .errors import InvalidInputError, KvgenError, OverloadedError
 from .streaming import TextAssembler
 
 # How often a non-streaming handler checks whether its client is still there.
 _DISCONNECT_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may ask of the server. Defaults are safe for a public endpoint."""
+
+    max_tokens_limit: int = 4096
+    """Largest max_tokens (max_completion_tokens) a request may ask for."""
+    max_prompt_tokens: Optional[int] = None
+    """Longest prompt in tokens; None: the model's context, at most 8192."""
+    max_rows_per_request: int = 64
+    """Prompts x n of one request."""
+    max_body_bytes: int = 1 << 20
+    """Request body size; larger bodies get 413 before they are read."""
+    max_stop_strings: int = 4
+    max_stop_length: int = 128
+    """Characters per stop string."""
+    max_logprobs: int = 5
+    """Top entries per token for `logprobs` / `top_logprobs`."""
+    max_concurrent_requests: int = 256
+    """Generation requests being served at once (streams included); beyond it: 429."""
+    max_queued_requests: int = 256
+    """Requests waiting for the model (the scheduler's admission queue); beyond it: 429."""
+    retry_after_s: int = 1
+    """The Retry-After a 429 answer carries."""
+
+    def resolved(self, context: int) -> "ServerLimits":
+        prompt = self.max_prompt_tokens or (min(context, _DEFAULT_PROMPT_CAP) if context else _DEFAULT_PROMPT_CAP)
+        limits = replace(self, max_prompt_tokens=int(prompt))
+        for name, value in vars(limits).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_logprobs" else 1):
+                raise InvalidInputError(f"server limit {name}={value!r} must be a positive integer")
+        return limits
+
+
+# "Well below the context" on big models: a long-context model keeps a prompt cap that one
+# request cannot turn into gigabytes of KV cache.
+_DEFAULT_PROMPT_CAP = 8192
 
 
 class ApiError(Exception):
@@ -44,41 +89,123 @@ def _error_body(message: str, kind: str, param: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+class _Guard:
+    """ASGI middleware in front of the app: answers 429 (with Retry-After) when too many
+    generation requests are in flight, and 413 for a body over the limit, reading at most the
+    limit (a declared Content-Length over it is refused without reading anything)."""
+
+    def __init__(self, app: Any, limits: ServerLimits) -> None:
+        self.app, self.limits = app, limits
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        limits = self.limits
+        if self.in_flight >= limits.max_concurrent_requests:
+            message = (
+                f"the server is serving its limit of {limits.max_concurrent_requests} requests at once "
+                f"(max_concurrent_requests); retry after {limits.retry_after_s} s"
+            )
+            return await _send_json(send, 429, _error_body(message, "rate_limit_error"), limits.retry_after_s)
+        self.in_flight += 1
+        try:
+            body = await _read_body(scope, receive, limits.max_body_bytes)
+            if body is None:
+                message = (
+                    f"the request body exceeds this server's limit of {limits.max_body_bytes} bytes "
+                    "(max_body_bytes); send a smaller request"
+                )
+                return await _send_json(send, 413, _error_body(message, "invalid_request_error"))
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _read_body(scope: dict, receive: Any, limit: int) -> Optional[bytes]:
+    """The whole body, or None as soon as it is known to exceed `limit` bytes."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    return None
+            except ValueError:
+                return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left; the app sees an empty body and the disconnect after it
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that hands the app the buffered body first, then the real channel (so the app
+    still hears of a disconnect)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_json(send: Any, status: int, payload: dict, retry_after: Optional[int] = None) -> None:
+    data = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
 @dataclass
 class _Choice:
     """One returned sequence while it is generated."""
 
     assembler: TextAssembler
     completion_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
     done: bool = False
     finish_reason: Optional[str] = None
     text: list[str] = field(default_factory=list)
 
 
-class _PromptJob:
-    """One prompt's generation (its n choices) in the scheduler, yielding (choice index, delta)."""
+class _Job:
+    """One HTTP request's generation: all its prompts x n choices as the rows of one kvgen
+    request, yielding (choice index, text delta)."""
 
     def __init__(
-        self, gen: Any, ids: list[int], n: int, settings: dict, stops: list[str], first_index: int, logits: bool = False
+        self, gen: Any, prompts: list[list[int]], n: int, settings: dict, stops: list[str], logprobs: Optional[int]
     ):
         sampling = bool(settings.get("do_sample"))
         kwargs = dict(settings)
-        if logits:  # for logprobs: the raw logits of every step come with the result
-            kwargs.update(return_dict_in_generate=True, output_logits=True)
-        self.step_logits: list = []
         if sampling and n > 1:
             kwargs["num_return_sequences"] = n
-        # Greedy choices are identical; transformers refuses num_return_sequences there, so
-        # the prompt is repeated instead.
-        inputs = [ids] if sampling or n == 1 else [ids] * n
-        self.request, call = gen._submit(inputs, kwargs, stream_steps=True, doorbell=True)
+            rows = prompts
+        else:
+            # Greedy choices are identical; transformers refuses num_return_sequences there, so
+            # each prompt is repeated instead.
+            rows = [p for p in prompts for _ in range(n)]
+        ids, mask = _left_padded(rows)
+        kwargs["attention_mask"] = mask
+        self.request, call = gen._submit(ids, kwargs, stream_steps=True, doorbell=True, logprobs=logprobs)
         self.eos = set(call.engine_kwargs["eos_token_ids"])
-        self.prompt_tokens = len(ids)
-        self.first_index = first_index
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.logprobs: list = []
         tok = gen.tokenizer
         decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-        self.choices = [_Choice(TextAssembler(decode, stops, include_stop=False)) for _ in range(n)]
+        self.choices = [_Choice(TextAssembler(decode, stops, include_stop=False)) for _ in range(len(prompts) * n)]
 
     async def deltas(self) -> AsyncIterator[tuple[int, str]]:
         async for tokens in request_steps(self.request):
@@ -87,7 +214,6 @@ class _PromptJob:
                 if choice.done:
                     continue
                 choice.completion_tokens += 1
-                choice.token_ids.append(token)
                 if token in self.eos:
                     choice.done, choice.finish_reason = True, "stop"
                     continue
@@ -95,98 +221,74 @@ class _PromptJob:
                 if choice.assembler.stopped:
                     choice.done, choice.finish_reason = True, "stop"
                 if delta:
-                    yield self.first_index + row, delta
-        _, _, self.step_logits = self.request.result()  # raises the generation's error, if any
+                    yield row, delta
+        _, _, _, self.logprobs = self.request.result()  # raises the generation's error, if any
         for row, choice in enumerate(self.choices):
             # Text held back (a possible stop-string start, a split character) is final now.
             tail = choice.assembler.finish()
             if tail:
-                yield self.first_index + row, tail
+                yield row, tail
             if choice.finish_reason is None:
                 choice.finish_reason = "stop" if choice.assembler.stopped else "length"
 
-
-def _token_logprobs(job: "_PromptJob", row: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """(token, its log-probability, the `top` most likely (token, log-probability)) per generated
-    token of a choice, from the model's raw logits (log-softmax; before any sampling warper)."""
-    import numpy as np
-
-    out = []
-    for step, token in enumerate(job.choices[row].token_ids):
-        logits = np.asarray(job.step_logits[step][row], dtype=np.float64)
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        best = np.argsort(-logprobs, kind="stable")[:top] if top else []
-        out.append((token, float(logprobs[token]), [(int(t), float(logprobs[t])) for t in best]))
-    return out
+    def token_logprobs(self, row: int) -> list:
+        """(token, log-probability, [(id, log-probability)] of the top ones) per token the
+        choice returned, computed by the engine from the raw logits (before any warper)."""
+        return self.logprobs[row][: self.choices[row].completion_tokens]
 
 
-async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
-    """Items of several async iterators as they come; closing this closes them all."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    finished = object()
-
-    async def pump(stream: AsyncIterator[Any]) -> None:
-        try:
-            async for item in stream:
-                await queue.put(item)
-        except Exception as e:  # handed to the consumer
-            await queue.put(e)
-        finally:
-            await queue.put(finished)
-
-    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is finished:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def _left_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 class _Service:
-    def __init__(self, gen: Any, model_name: str, max_tokens_limit: int, max_prompt_tokens: int):
+    def __init__(self, gen: Any, model_name: str, limits: ServerLimits):
         if gen.tokenizer is None:
             raise InvalidInputError("the server needs the model's tokenizer; load a model that has one")
         self.gen = gen
         self.model_name = model_name
-        self.max_tokens_limit = max_tokens_limit
-        self.max_prompt_tokens = max_prompt_tokens
         self.context = int(getattr(gen.config, "max_position_embeddings", 0) or 0)
+        self.limits = limits.resolved(self.context)
 
     # ---- request -> kvgen settings ----------------------------------------------------------
+
+    def _check_rows(self, prompts: int, n: int, param: str) -> None:
+        rows, limit = prompts * n, self.limits.max_rows_per_request
+        if rows > limit:
+            raise ApiError(
+                400,
+                f"this request asks for {prompts} prompt(s) x n={n} = {rows} sequences, more than this server's limit "
+                f"of {limit} per request (max_rows_per_request); split it into smaller requests",
+                param,
+            )
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
         if not ids:
             raise ApiError(400, f"{param} is empty after tokenization; send at least one token", param)
-        if len(ids) > self.max_prompt_tokens:
+        limit = self.limits.max_prompt_tokens
+        if len(ids) > limit:
             raise ApiError(
                 400,
-                f"the prompt has {len(ids)} tokens, more than this server's limit of {self.max_prompt_tokens}; "
+                f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} (max_prompt_tokens); "
                 "shorten it",
                 param,
             )
 
     def _settings(self, body: _Sampling, max_tokens: Optional[int], longest_prompt: int) -> dict:
+        limit = self.limits.max_tokens_limit
         if max_tokens is None:
-            room = self.context - longest_prompt if self.context else self.max_tokens_limit
-            max_tokens = max(1, min(self.max_tokens_limit, room))
-        if max_tokens > self.max_tokens_limit:
+            room = self.context - longest_prompt if self.context else limit
+            max_tokens = max(1, min(limit, room))
+        if max_tokens > limit:
             raise ApiError(
                 400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {self.max_tokens_limit}; ask for fewer tokens",
+                f"max_tokens={max_tokens} exceeds this server's limit of {limit}; ask for fewer tokens",
                 "max_tokens",
             )
         settings: dict = {"max_new_tokens": max_tokens}
@@ -201,7 +303,37 @@ class _Service:
             settings["stop_strings"] = list(body.stop)
         return settings
 
+    def _check_stops(self, stops: Optional[list[str]]) -> None:
+        stops = stops or []
+        if len(stops) > self.limits.max_stop_strings:
+            raise ApiError(
+                400,
+                f"{len(stops)} stop sequences exceed this server's limit of {self.limits.max_stop_strings}; send fewer",
+                "stop",
+            )
+        longest = max((len(s) for s in stops), default=0)
+        if longest > self.limits.max_stop_length:
+            raise ApiError(
+                400,
+                f"a stop sequence of {longest} characters exceeds this server's limit of {self.limits.max_stop_length} "
+                "(max_stop_length); shorten it",
+                "stop",
+            )
+
+    def _check_logprobs(self, top: Optional[int], param: str) -> None:
+        if top is not None and top > self.limits.max_logprobs:
+            raise ApiError(
+                400, f"{param}={top} exceeds this server's limit of {self.limits.max_logprobs}; ask for fewer", param
+            )
+
+    @staticmethod
+    def _prompt_count(prompt: Any) -> int:
+        if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+            return 1
+        return len(prompt)
+
     def _prompts(self, prompt: Any) -> list[list[int]]:
+        """Token ids of each prompt (tokenizing runs off the event loop: see `_off_loop`)."""
         tok = self.gen.tokenizer
         if isinstance(prompt, str):
             batch = [tok.encode(prompt)]
@@ -230,27 +362,22 @@ class _Service:
         self._check_prompt(ids, "messages")
         return ids
 
-    def _jobs(
-        self, prompts: list[list[int]], body: _Sampling, max_tokens: Optional[int], logprobs: bool = False
-    ) -> list[_PromptJob]:
-        if logprobs and body.stream:
+    def job(self, prompts: list[list[int]], body: _Sampling, max_tokens: Optional[int], logprobs: Optional[int]) -> _Job:
+        if logprobs is not None and body.stream:
             raise ApiError(400, "logprobs with stream=true is not supported; drop one of them", "logprobs")
         settings = self._settings(body, max_tokens, max(len(p) for p in prompts))
-        stops = list(body.stop or [])
-        return [
-            _PromptJob(self.gen, ids, body.n, settings, stops, i * body.n, logits=logprobs) for i, ids in enumerate(prompts)
-        ]
-
-    def _job_rows(self, jobs: list[_PromptJob]) -> dict[int, tuple[_PromptJob, int]]:
-        return {j.first_index + r: (j, r) for j in jobs for r in range(len(j.choices))}
+        try:
+            return _Job(self.gen, prompts, body.n, settings, list(body.stop or []), logprobs)
+        except OverloadedError as e:
+            raise ApiError(429, str(e), None, "rate_limit_error") from e
 
     # ---- responses --------------------------------------------------------------------------
 
     def _piece(self, token: int) -> str:
         return self.gen.tokenizer.decode([token], skip_special_tokens=False)
 
-    def completion_logprobs(self, job: _PromptJob, row: int, top: int) -> dict:
-        entries = _token_logprobs(job, row, top)
+    def completion_logprobs(self, job: _Job, row: int, top: int) -> dict:
+        entries = job.token_logprobs(row)
         tokens = [self._piece(t) for t, _, _ in entries]
         offsets, at = [], 0
         for piece in tokens:
@@ -270,36 +397,28 @@ class _Service:
             out.setdefault(self._piece(token), lp)
         return out
 
-    def chat_logprobs(self, job: _PromptJob, row: int, top: int) -> dict:
+    def chat_logprobs(self, job: _Job, row: int) -> dict:
         def item(token: int, lp: float) -> dict:
             piece = self._piece(token)
             return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
 
         return {
             "content": [
-                item(t, lp) | {"top_logprobs": [item(b, blp) for b, blp in best]}
-                for t, lp, best in _token_logprobs(job, row, top)
+                item(t, lp) | {"top_logprobs": [item(b, blp) for b, blp in best]} for t, lp, best in job.token_logprobs(row)
             ]
         }
 
     @staticmethod
-    def _usage(jobs: list[_PromptJob]) -> dict:
-        prompt = sum(j.prompt_tokens for j in jobs)
-        completion = sum(c.completion_tokens for j in jobs for c in j.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def usage(job: _Job) -> dict:
+        completion = sum(c.completion_tokens for c in job.choices)
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion, "total_tokens": job.prompt_tokens + completion}
 
-    @staticmethod
-    def _choices(jobs: list[_PromptJob]) -> list[tuple[int, _Choice]]:
-        return [(j.first_index + r, c) for j in jobs for r, c in enumerate(j.choices)]
-
-    async def collect(self, http: Request, jobs: list[_PromptJob]) -> None:
-        """Runs the jobs to the end, accumulating text; cancels them if the client leaves."""
-
-        by_index = dict(self._choices(jobs))
+    async def collect(self, http: Request, job: _Job) -> None:
+        """Runs the job to the end, accumulating text; cancels it if the client leaves."""
 
         async def drain() -> None:
-            async for index, delta in _merge([j.deltas() for j in jobs]):
-                by_index[index].text.append(delta)
+            async for index, delta in job.deltas():
+                job.choices[index].text.append(delta)
 
         task = asyncio.ensure_future(drain())
         try:
@@ -314,26 +433,26 @@ class _Service:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    def stream(self, jobs: list[_PromptJob], chunk: Any, include_usage: bool, opening: Any = None) -> StreamingResponse:
+    def stream(self, job: _Job, chunk: Any, include_usage: bool, opening: Any = None) -> StreamingResponse:
         """SSE in OpenAI's chunk format: `chunk(index, delta_text, finish_reason)` builds each."""
 
         async def events() -> AsyncIterator[str]:
-            merged = _merge([j.deltas() for j in jobs])
+            deltas = job.deltas()
             try:
                 if opening is not None:
-                    for index, _ in self._choices(jobs):
+                    for index in range(len(job.choices)):
                         yield _sse(opening(index))
-                async for index, delta in merged:
+                async for index, delta in deltas:
                     yield _sse(chunk(index, delta, None))
-                for index, choice in self._choices(jobs):
+                for index, choice in enumerate(job.choices):
                     yield _sse(chunk(index, None, choice.finish_reason))
                 if include_usage:
-                    yield _sse(chunk(None, None, None) | {"choices": [], "usage": self._usage(jobs)})
+                    yield _sse(chunk(None, None, None) | {"choices": [], "usage": self.usage(job)})
             except KvgenError as e:
                 yield _sse(_error_body(str(e), "invalid_request_error" if isinstance(e, ValueError) else "server_error"))
             finally:
-                # Also reached when the client disconnects: stops and frees the generations.
-                await merged.aclose()
+                # Also reached when the client disconnects: stops and frees the generation.
+                await deltas.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -343,29 +462,43 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+async def _off_loop(work: Any, *args: Any) -> Any:
+    """Runs tokenizer work (encode, chat template, decoding logprob pieces) on a worker thread:
+    its cost grows with the request, and the event loop must keep serving everyone else."""
+    return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+
+
 def create_app(
     generator: Any,
     *,
     model_name: Optional[str] = None,
-    max_tokens_limit: int = 4096,
-    max_prompt_tokens: Optional[int] = None,
+    limits: Optional[ServerLimits] = None,
+    **limit_overrides: Any,
 ) -> FastAPI:
     """A FastAPI app serving `generator` with OpenAI's completions and chat completions API.
 
-    `max_tokens_limit` caps max_tokens per request; `max_prompt_tokens` caps prompt length
-    (default: the model's context). Requests over either get a 400 naming the limit."""
+    `limits` (a ServerLimits) or its fields as keywords (`max_tokens_limit=`, `max_prompt_tokens=`,
+    `max_rows_per_request=`, `max_body_bytes=`, ...) bound what one client may ask; requests over
+    a limit get a 400/413/429 naming it. The generator's scheduler gets
+    `max_queued_requests` as its admission-queue bound."""
     import os
 
+    unknown = set(limit_overrides) - set(ServerLimits.__dataclass_fields__)
+    if unknown:
+        raise InvalidInputError(f"unknown create_app arguments: {sorted(unknown)}; see kvgen.server.ServerLimits")
+    limits = replace(limits or ServerLimits(), **{k: v for k, v in limit_overrides.items() if v is not None})
     name = model_name or os.path.splitext(os.path.basename(str(generator._engine.model_path).rstrip("/")))[0]
-    context = int(getattr(generator.config, "max_position_embeddings", 0) or 0)
-    service = _Service(generator, name, int(max_tokens_limit), int(max_prompt_tokens or context or 1 << 30))
+    service = _Service(generator, name, limits)
+    generator.set_scheduler_limits(max_queued_requests=service.limits.max_queued_requests)
     app = FastAPI(title="kvgen", description="OpenAI-compatible text generation with kvgen")
     app.state.kvgen = service
+    app.add_middleware(_Guard, limits=service.limits)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(e.message, e.kind, e.param), status_code=e.status)
+        headers = {"Retry-After": str(service.limits.retry_after_s)} if e.status == 429 else None
+        return JSONResponse(_error_body(e.message, e.kind, e.param), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -379,6 +512,9 @@ def create_app(
 
     @app.exception_handler(KvgenError)
     async def _kvgen_error(_: Request, e: KvgenError) -> JSONResponse:
+        if isinstance(e, OverloadedError):
+            headers = {"Retry-After": str(service.limits.retry_after_s)}
+            return JSONResponse(_error_body(str(e), "rate_limit_error"), status_code=429, headers=headers)
         if isinstance(e, ValueError):
             return JSONResponse(_error_body(str(e), "invalid_request_error"), status_code=400)
         return JSONResponse(_error_body(str(e), "server_error"), status_code=500)
@@ -393,7 +529,11 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
-        jobs = service._jobs(service._prompts(body.prompt), body, body.max_tokens, logprobs=body.logprobs is not None)
+        service._check_rows(service._prompt_count(body.prompt), body.n, "prompt")
+        service._check_stops(body.stop)
+        service._check_logprobs(body.logprobs, "logprobs")
+        prompts = await _off_loop(service._prompts, body.prompt)
+        job = service.job(prompts, body, body.max_tokens, body.logprobs)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": name}
 
@@ -403,25 +543,32 @@ def create_app(
                 choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
                 return base | {"choices": [] if index is None else [choice]}
 
-            return service.stream(jobs, chunk, body.include_usage)
-        await service.collect(http, jobs)
-        rows = service._job_rows(jobs)
-        choices = [
-            {
-                "index": i,
-                "text": "".join(c.text),
-                "logprobs": None if body.logprobs is None else service.completion_logprobs(*rows[i], body.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in service._choices(jobs)
-        ]
-        return base | {"choices": choices, "usage": service._usage(jobs)}
+            return service.stream(job, chunk, body.include_usage)
+        await service.collect(http, job)
+
+        def choices() -> list:
+            return [
+                {
+                    "index": i,
+                    "text": "".join(c.text),
+                    "logprobs": None if body.logprobs is None else service.completion_logprobs(job, i, body.logprobs),
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(job.choices)
+            ]
+
+        return base | {"choices": await _off_loop(choices), "usage": service.usage(job)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        jobs = service._jobs([service._chat_prompt(body)], body, body.token_budget, logprobs=body.logprobs)
+        service._check_rows(1, body.n, "n")
+        service._check_stops(body.stop)
+        service._check_logprobs(body.top_logprobs, "top_logprobs")
+        prompt = await _off_loop(service._chat_prompt, body)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = service.job([prompt], body, body.token_budget, top)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name}
 
@@ -436,25 +583,42 @@ def create_app(
                 choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 return base | {"choices": [choice]}
 
-            return service.stream(jobs, chunk, body.include_usage, opening)
-        await service.collect(http, jobs)
-        rows = service._job_rows(jobs)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": service.chat_logprobs(*rows[i], body.top_logprobs or 0) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in service._choices(jobs)
-        ]
-        return base | {"object": "chat.completion", "choices": choices, "usage": service._usage(jobs)}
+            return service.stream(job, chunk, body.include_usage, opening)
+        await service.collect(http, job)
+
+        def choices() -> list:
+            return [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": service.chat_logprobs(job, i) if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(job.choices)
+            ]
+
+        return base | {"object": "chat.completion", "choices": await _off_loop(choices), "usage": service.usage(job)}
 
     return app
 
 
-def serve(generator: Any, host: str = "127.0.0.1", port: int = 8000, **app_kwargs: Any) -> None:
-    """Runs `create_app(generator)` under uvicorn until interrupted."""
+def serve(
+    generator: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    max_connections: int = 1024,
+    **app_kwargs: Any,
+) -> None:
+    """Runs `create_app(generator, **app_kwargs)` under uvicorn until interrupted. uvicorn itself
+    refuses connections beyond `max_connections` (503), bounding the server's file descriptors."""
     import uvicorn
 
-    uvicorn.run(create_app(generator, **app_kwargs), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(generator, **app_kwargs),
+        host=host,
+        port=port,
+        log_level="info",
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+    )

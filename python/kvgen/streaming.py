@@ -16,7 +16,18 @@ _WAIT_S = 0.05
 
 
 class TextAssembler:
-    """Turns a growing list of token ids into text deltas."""
+    """Turns a growing list of token ids into text deltas, decoding only a short window of recent
+    tokens per push (never the whole text: O(tokens) over a generation, not O(tokens^2)).
+
+    The window starts one settled step back: decoding ids[prefix:] and ids[prefix:read] and taking
+    the difference gives the new text with the context a tokenizer needs to place spaces (as
+    vLLM's and TGI's incremental detokenizers do). Text that could still begin a stop string is
+    held back (the longest stop string minus one character), so stop strings are looked for only
+    in text not yet emitted."""
+
+    # Tokens to wait for a split UTF-8 character to complete (it has at most 4 bytes) before the
+    # replacement character is taken as the real output.
+    _MAX_PENDING_TOKENS = 8
 
     def __init__(
         self, decode: Callable[[list[int]], str], stop_strings: list[str], include_stop: bool = True
@@ -27,36 +38,48 @@ class TextAssembler:
         # transformers keeps the stop string in the text; OpenAI's API leaves it out.
         self._include_stop = include_stop
         self.ids: list[int] = []
-        self.emitted = ""
+        self._prefix = 0  # ids[_prefix:_read]: the settled context of the next decode
+        self._read = 0  # ids[:_read] are turned into text (emitted or pending)
+        self._pending = ""  # text not emitted yet
         self.stopped = False
 
-    def _final_text(self, text: str) -> str:
-        """Text cut at the first stop string (after it, or before it without include_stop)."""
-        hits = [(text.find(s), len(s)) for s in self._stops if s in text]
-        if not hits:
-            return text
-        self.stopped = True
-        ends = [start + (length if self._include_stop else 0) for start, length in hits]
-        return text[: min(ends)]
+    def _take_new_text(self, force: bool) -> None:
+        """Moves the text of ids[_read:] into `_pending` unless it ends in a split character."""
+        if self._read == len(self.ids):
+            return
+        text = self._decode(self.ids[self._prefix :])
+        waiting = len(self.ids) - self._read < self._MAX_PENDING_TOKENS
+        if text.endswith("\ufffd") and waiting and not force:
+            return  # an incomplete UTF-8 character: wait for the next token
+        settled = self._decode(self.ids[self._prefix : self._read])
+        self._pending += text[len(settled) :]
+        self._prefix, self._read = self._read, len(self.ids)
+
+    def _release(self, final: bool) -> str:
+        """The pending text that is safe to emit: cut at a stop string, else all but the tail
+        that could begin one (everything when `final`)."""
+        pending = self._pending
+        hits = [(pending.find(s), len(s)) for s in self._stops if s in pending]
+        if hits:
+            self.stopped = True
+            self._pending = ""
+            return pending[: min(start + (length if self._include_stop else 0) for start, length in hits)]
+        keep = 0 if final else min(self._hold, len(pending))
+        out, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        return out
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token)
-        text = self._decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 character: wait for the next token
-        stopped = self._final_text(text)
-        limit = len(stopped) if len(stopped) < len(text) else max(len(self.emitted), len(text) - self._hold)
-        return self._advance(stopped[:limit])
+        self._take_new_text(force=False)
+        return self._release(final=False)
 
     def finish(self) -> str:
-        return self._advance(self._final_text(self._decode(self.ids)))
-
-    def _advance(self, text: str) -> str:
-        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+        if self.stopped:
             return ""
-        delta = text[len(self.emitted) :]
-        self.emitted = text
-        return delta
+        self._take_new_text(force=True)
+        return self._release(final=True)
 
 
 def _single_prompt(inputs: Any) -> None:

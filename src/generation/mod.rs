@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, SeqInput, SlotGuard};
 use crate::error::{Error, Result};
 use crate::sampling::config::ProcessorConfig;
+use crate::sampling::logprobs::TokenLogprobs;
 pub use request::Request;
 
 /// Parameters of one generate call, already merged and validated by the caller.
@@ -28,6 +29,9 @@ pub struct GenerationParams {
     pub output_logits: bool,
     /// (seed, stream) of each row's random stream, when sampling.
     pub seeds: Vec<(u64, u64)>,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (from the raw logits), computed per step; None reports none.
+    pub logprobs: Option<usize>,
 }
 
 /// One prompt row.
@@ -49,6 +53,9 @@ pub struct GenerationOutput {
     pub scores: Vec<Vec<f32>>,
     /// Per step, batch x vocab raw logits (when requested).
     pub logits: Vec<Vec<f32>>,
+    /// Per row, one entry per token it generated up to and including the one that finished it
+    /// (when `logprobs` is set).
+    pub logprobs: Vec<Vec<TokenLogprobs>>,
 }
 
 /// Called after each step; the place to stream tokens and to notice Ctrl-C.
@@ -99,6 +106,7 @@ pub fn generate(
     observer: &mut dyn StepObserver,
 ) -> Result<GenerationOutput> {
     let mut request = Request::new(prompts, params, decode, backend.vocab_size())?;
+    request.reserve_buffers()?;
     let slots =
         (0..request.rows()).map(|r| SlotGuard::new(backend, request.slot_capacity(r))).collect::<Result<Vec<_>>>()?;
     while !request.is_done() {

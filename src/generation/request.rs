@@ -10,9 +10,33 @@ use rayon::prelude::*;
 use super::stopping::{DecodeFn, StopStrings};
 use super::{GenerationOutput, GenerationParams, Prompt};
 use crate::error::{Error, Result};
+use crate::sampling::logprobs::token_logprobs;
 use crate::sampling::processors::{LogitsProcessor, RowContext};
 use crate::sampling::sample::{self, RowRng};
 use crate::sampling;
+
+/// New-token capacity reserved up front per row; more is allocated only as tokens arrive.
+const INITIAL_TOKEN_CAPACITY: usize = 256;
+
+fn too_large(rows: usize, vocab: usize) -> Error {
+    Error::out_of_memory(format!(
+        "the score buffer of {rows} rows x {vocab} vocabulary entries cannot be reserved; send fewer rows at once"
+    ))
+}
+
+/// A copy of a step's scores for the caller (output_scores/output_logits), or OutOfMemory.
+fn copy_of(scores: &[f32]) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(scores.len()).map_err(|_| {
+        Error::out_of_memory(format!(
+            "keeping one more step of scores ({} floats) failed: memory is exhausted; lower max_new_tokens or drop \
+             output_scores/output_logits",
+            scores.len()
+        ))
+    })?;
+    v.extend_from_slice(scores);
+    Ok(v)
+}
 
 /// One row's share of the next step.
 pub struct RowInput<'a> {
@@ -40,6 +64,8 @@ pub struct Request {
     /// Rows that finished still run when their scores are returned (transformers keeps them in the batch).
     keep_finished_rows: bool,
     step: usize,
+    /// batch x vocab working scores; reserved at admission (`reserve_buffers`), not at submit,
+    /// so a queued request holds no per-row buffers.
     step_logits: Vec<f32>,
     out: GenerationOutput,
     done: bool,
@@ -78,6 +104,9 @@ impl Request {
         };
         let steps = params.max_new_tokens;
         let keep_finished_rows = params.output_scores || params.output_logits || params.pad_token_id.is_none();
+        // Grown as tokens come: max_new_tokens is an upper bound that most rows never reach.
+        let token_capacity = steps.min(INITIAL_TOKEN_CAPACITY);
+        let logprob_rows = if params.logprobs.is_some() { batch } else { 0 };
         Ok(Request {
             vocab,
             processors,
@@ -92,8 +121,12 @@ impl Request {
             unfinished: vec![true; batch],
             keep_finished_rows,
             step: 0,
-            step_logits: vec![0f32; batch * vocab],
-            out: GenerationOutput { tokens: vec![Vec::with_capacity(steps); batch], ..Default::default() },
+            step_logits: Vec::new(),
+            out: GenerationOutput {
+                tokens: (0..batch).map(|_| Vec::with_capacity(token_capacity)).collect(),
+                logprobs: (0..logprob_rows).map(|_| Vec::new()).collect(),
+                ..Default::default()
+            },
             done: steps == 0 || batch == 0,
             params,
         })
@@ -105,12 +138,31 @@ impl Request {
 
     /// Cache positions row `row` needs: its prompt plus every new token.
     pub fn slot_capacity(&self, row: usize) -> usize {
-        self.prompt_lens[row] + self.params.max_new_tokens
+        self.prompt_lens[row].saturating_add(self.params.max_new_tokens)
     }
 
     /// Cache positions of all rows together (what the scheduler's memory bound counts).
     pub fn cache_positions(&self) -> usize {
-        (0..self.rows()).map(|r| self.slot_capacity(r)).sum()
+        (0..self.rows()).fold(0usize, |sum, r| sum.saturating_add(self.slot_capacity(r)))
+    }
+
+    /// The attended prompt tokens of every row (what the model is fed first).
+    pub fn prompt_tokens(&self) -> impl Iterator<Item = u32> + '_ {
+        self.model_tokens.iter().zip(&self.prompt_lens).flat_map(|(t, &n)| t[..n.min(t.len())].iter().copied())
+    }
+
+    /// Reserves the per-step working buffers (batch x vocab scores). The scheduler calls it at
+    /// admission; failing to reserve is an error, never an abort.
+    pub fn reserve_buffers(&mut self) -> Result<()> {
+        let rows = self.rows();
+        let len = rows.checked_mul(self.vocab).ok_or_else(|| too_large(rows, self.vocab))?;
+        if self.step_logits.len() == len {
+            return Ok(());
+        }
+        self.step_logits = Vec::new();
+        self.step_logits.try_reserve_exact(len).map_err(|_| too_large(rows, self.vocab))?;
+        self.step_logits.resize(len, 0.0);
+        Ok(())
     }
 
     pub fn is_done(&self) -> bool {
@@ -149,6 +201,7 @@ impl Request {
                 self.done
             )));
         }
+        self.reserve_buffers()?;
         for (i, &r) in self.active.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let bad = sampling::count_invalid(row);
@@ -161,11 +214,19 @@ impl Request {
             self.step_logits[r * vocab..(r + 1) * vocab].copy_from_slice(row);
         }
         if self.params.output_logits {
-            self.out.logits.push(self.step_logits.clone());
+            self.out.logits.push(copy_of(&self.step_logits)?);
         }
         let next = self.pick_tokens()?;
         if self.params.output_scores {
-            self.out.scores.push(self.step_logits.clone());
+            self.out.scores.push(copy_of(&self.step_logits)?);
+        }
+        if let Some(top) = self.params.logprobs {
+            for (i, &r) in self.active.iter().enumerate() {
+                if self.unfinished[r] {
+                    let raw = &logits[i * vocab..(i + 1) * vocab];
+                    self.out.logprobs[r].push(token_logprobs(raw, next[r] as usize, top));
+                }
+            }
         }
         for (r, &token) in next.iter().enumerate() {
             self.out.tokens[r].push(token);

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::{guarded, to_py, IntoPyResult};
-use super::request::{GenerateResult, PyRequest};
+use super::request::{GenerateResult, PyDoorbell, PyRequest};
 use super::tokenizer::PyTokenizer;
 use crate::backend::{SeqInput, SlotGuard};
 use crate::config::RopeScaling;
@@ -99,6 +99,7 @@ impl PyEngine {
         stop_strings: Vec<String>,
         (output_scores, output_logits): (bool, bool),
         seeds: Vec<(u64, u64)>,
+        logprobs: Option<usize>,
     ) -> PyResult<(Request, usize)> {
         let vocab = self.inner.config.vocab_size;
         let (prompts, _) = prompts_from(input_ids, attention_mask, vocab)?;
@@ -124,6 +125,7 @@ impl PyEngine {
             output_scores,
             output_logits,
             seeds,
+            logprobs,
         };
         let decode = self.inner.tokenizer.as_ref().map(|t| {
             let t = Arc::clone(t);
@@ -194,7 +196,7 @@ impl PyEngine {
     /// float32, logits list of the same). `on_step(tokens)` streams; Ctrl-C cancels.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), on_step = None))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, on_step = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -209,6 +211,7 @@ impl PyEngine {
         output_scores: bool,
         output_logits: bool,
         seeds: Vec<(u64, u64)>,
+        logprobs: Option<usize>,
         on_step: Option<Py<PyAny>>,
     ) -> PyResult<GenerateResult<'py>> {
         let (request, batch) = self.request(
@@ -221,16 +224,17 @@ impl PyEngine {
             stop_strings,
             (output_scores, output_logits),
             seeds,
+            logprobs,
         )?;
-        let handle = self.scheduler()?.submit(request, on_step.is_some(), false).py()?;
+        let handle = self.scheduler()?.submit(request, on_step.is_some(), None).py()?;
         PyRequest::new(handle, batch, self.inner.config.vocab_size).wait(py, on_step)
     }
 
     /// Like `generate`, but returns at once with a `Request` to poll, wait on or cancel;
-    /// `doorbell=True` gives it a socket an event loop can watch (`Request.fileno()`).
+    /// `doorbell=` (a `Doorbell`) rings that event loop's socket when it has news.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), stream_steps = false, doorbell = false))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, stream_steps = false, doorbell = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit<'py>(
         &self,
@@ -244,8 +248,9 @@ impl PyEngine {
         output_scores: bool,
         output_logits: bool,
         seeds: Vec<(u64, u64)>,
+        logprobs: Option<usize>,
         stream_steps: bool,
-        doorbell: bool,
+        doorbell: Option<PyRef<'py, PyDoorbell>>,
     ) -> PyResult<PyRequest> {
         let (request, batch) = self.request(
             &input_ids,
@@ -257,8 +262,10 @@ impl PyEngine {
             stop_strings,
             (output_scores, output_logits),
             seeds,
+            logprobs,
         )?;
-        let handle = self.scheduler()?.submit(request, stream_steps, doorbell).py()?;
+        let bell = doorbell.map(|d| Arc::clone(&d.inner));
+        let handle = self.scheduler()?.submit(request, stream_steps, bell).py()?;
         Ok(PyRequest::new(handle, batch, self.inner.config.vocab_size))
     }
 
@@ -276,8 +283,11 @@ impl PyEngine {
         d.set_item("max_running_requests", s.max_running_requests)?;
         d.set_item("completed", s.completed)?;
         d.set_item("cancelled", s.cancelled)?;
+        d.set_item("rejected", s.rejected)?;
+        d.set_item("internal_faults", s.internal_faults)?;
         d.set_item("max_sequences", limits.max_sequences)?;
         d.set_item("max_cache_tokens", limits.max_cache_positions)?;
+        d.set_item("max_queued_requests", limits.max_queued_requests)?;
         d.set_item("cache_bytes_per_token", self.cache_bytes_per_token())?;
         d.set_item("cache_bytes_reserved", self.inner.backend.cache_bytes_reserved())?;
         Ok(d)
@@ -288,14 +298,20 @@ impl PyEngine {
         Ok(())
     }
 
-    #[pyo3(signature = (max_sequences = None, max_cache_tokens = None))]
-    fn set_scheduler_limits(&self, max_sequences: Option<usize>, max_cache_tokens: Option<usize>) -> PyResult<()> {
+    #[pyo3(signature = (max_sequences = None, max_cache_tokens = None, max_queued_requests = None))]
+    fn set_scheduler_limits(
+        &self,
+        max_sequences: Option<usize>,
+        max_cache_tokens: Option<usize>,
+        max_queued_requests: Option<usize>,
+    ) -> PyResult<()> {
         let scheduler = self.scheduler()?;
         let current = scheduler.limits();
         scheduler
             .set_limits(Limits {
                 max_sequences: max_sequences.unwrap_or(current.max_sequences),
                 max_cache_positions: max_cache_tokens.unwrap_or(current.max_cache_positions),
+                max_queued_requests: max_queued_requests.unwrap_or(current.max_queued_requests),
             })
             .py()
     }
@@ -331,7 +347,16 @@ impl PyEngine {
                     .map(|(p, s)| SeqInput { slot: s.slot, tokens: &p.tokens, start_pos: 0 })
                     .collect();
                 let packed = backend.step(&seqs, true)?;
-                let mut full = vec![0f32; batch * seq * vocab];
+                let len = batch.checked_mul(seq).and_then(|n| n.checked_mul(vocab));
+                let mut full: Vec<f32> = Vec::new();
+                len.and_then(|n| full.try_reserve_exact(n).ok().map(|_| n))
+                    .map(|n| full.resize(n, 0.0))
+                    .ok_or_else(|| {
+                        Error::out_of_memory(format!(
+                            "the logits of {batch} x {seq} positions x {vocab} vocabulary entries do not fit in memory; \
+                             pass fewer or shorter rows"
+                        ))
+                    })?;
                 let mut src = 0;
                 for (r, mask) in valid.iter().enumerate() {
                     for (c, _) in mask.iter().enumerate().filter(|(_, &v)| v) {
@@ -353,8 +378,19 @@ fn _debug_panic(py: Python<'_>) -> PyResult<()> {
     py.detach(|| guarded(|| -> Result<()> { panic!("deliberate panic for kvgen's tests") })).py()
 }
 
+/// Tests only: makes `point` ("admit", "step", "release") panic for work that holds token
+/// `marker` (None disarms it). Process-wide.
+#[pyfunction]
+#[pyo3(signature = (point, marker = None))]
+fn _arm_fault(point: &str, marker: Option<u32>) -> PyResult<()> {
+    crate::faults::arm(crate::faults::parse(point).py()?, marker);
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyRequest>()?;
-    m.add_function(wrap_pyfunction!(_debug_panic, m)?)
+    m.add_class::<PyDoorbell>()?;
+    m.add_function(wrap_pyfunction!(_debug_panic, m)?)?;
+    m.add_function(wrap_pyfunction!(_arm_fault, m)?)
 }

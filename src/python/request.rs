@@ -2,6 +2,7 @@
 //! the GIL; async callers watch `fileno()` with the event loop and `poll()` without blocking.
 //! Dropping the object (or `cancel()`) cancels the generation and frees its cache slots.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use numpy::{PyArray1, PyArrayMethods};
@@ -10,10 +11,13 @@ use pyo3::prelude::*;
 use super::errors::{to_py, IntoPyResult};
 use crate::error::Error;
 use crate::generation::GenerationOutput;
-use crate::scheduler::{Events, RequestHandle};
+use crate::scheduler::{Doorbell, Events, RequestHandle};
 
-/// (new tokens, per-step scores, per-step raw logits) as numpy arrays.
-pub type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>);
+/// Per row, per generated token: (token, log-probability, [(id, log-probability)] of the top ones).
+pub type RowLogprobs = Vec<Vec<(u32, f64, Vec<(u32, f64)>)>>;
+
+/// (new tokens, per-step scores, per-step raw logits) as numpy arrays, and the logprobs.
+pub type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>, RowLogprobs);
 
 /// How often a blocked waiter wakes to notice Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(20);
@@ -41,7 +45,12 @@ impl PyRequest {
         let tokens = PyArray1::from_vec(py, flat).reshape([batch, steps])?.into_any();
         let scores = out.scores.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
         let logits = out.logits.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
-        Ok((tokens, scores, logits))
+        let logprobs = out
+            .logprobs
+            .into_iter()
+            .map(|row| row.into_iter().map(|e| (e.token, e.logprob, e.top)).collect())
+            .collect();
+        Ok((tokens, scores, logits, logprobs))
     }
 
     /// Blocks (GIL released) until the end, calling `on_step(tokens)` per streamed step and
@@ -81,10 +90,12 @@ fn events_tuple(events: Events) -> (Vec<Vec<u32>>, bool) {
 
 #[pymethods]
 impl PyRequest {
-    /// The doorbell socket's file descriptor: readable when `poll()` has something new.
-    fn fileno(&self) -> PyResult<i32> {
-        self.handle.link().doorbell_fd().ok_or_else(|| {
-            to_py(Error::invalid("this request has no doorbell; submit it with doorbell=True to watch it from an event loop"))
+    /// This request's ticket on the doorbell it was submitted with (what `Doorbell.take_ready`
+    /// returns when it has news).
+    #[getter]
+    fn ticket(&self) -> PyResult<u64> {
+        self.handle.link().ticket().ok_or_else(|| {
+            to_py(Error::invalid("this request has no doorbell; submit it with doorbell=Doorbell() to watch it from an event loop"))
         })
     }
 
@@ -114,5 +125,30 @@ impl PyRequest {
     /// Stops the generation at the next step and frees its cache slots; harmless when finished.
     fn cancel(&self) {
         self.handle.cancel();
+    }
+}
+
+/// `kvgen._kvgen.Doorbell`: one socket an event loop watches for all the requests submitted with
+/// it; `take_ready()` returns the tickets of those with news.
+#[pyclass(name = "Doorbell", module = "kvgen._kvgen", frozen)]
+pub struct PyDoorbell {
+    pub inner: Arc<Doorbell>,
+}
+
+#[pymethods]
+impl PyDoorbell {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(PyDoorbell { inner: Arc::new(Doorbell::new().py()?) })
+    }
+
+    /// The descriptor to watch for readability.
+    fn fileno(&self) -> i32 {
+        self.inner.fd()
+    }
+
+    /// Empties the socket and returns the tickets rung since the last call.
+    fn take_ready(&self) -> Vec<u64> {
+        self.inner.take_ready()
     }
 }

@@ -1,6 +1,7 @@
 //! Logits processing and token selection: pure functions over f32 rows.
 
 pub mod config;
+pub mod logprobs;
 pub mod penalties;
 pub mod processors;
 pub mod sample;

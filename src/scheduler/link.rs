@@ -1,15 +1,13 @@
 //! The channel between one submitted request and its caller: per-step tokens (when streamed),
-//! the final result, a cancel flag, and optionally a doorbell socket an event loop can watch
-//! (asyncio's `add_reader`), so async callers need no thread per request.
+//! the final result, a cancel flag, and optionally a ticket on an event loop's shared doorbell
+//! (see `doorbell`), so async callers need neither a thread nor a socket per request.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
-#[cfg(unix)]
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::doorbell::Doorbell;
 use crate::error::{Error, Result};
 use crate::generation::GenerationOutput;
 
@@ -32,35 +30,21 @@ pub struct Link {
     ready: Condvar,
     cancelled: AtomicBool,
     stream_steps: bool,
-    #[cfg(unix)]
-    bell: Option<(UnixStream, UnixStream)>,
+    bell: Option<(Arc<Doorbell>, u64)>,
 }
 
 impl Link {
-    pub fn new(stream_steps: bool, doorbell: bool) -> Result<Self> {
-        #[cfg(unix)]
-        let bell = if doorbell {
-            let pair = UnixStream::pair().and_then(|(ring, listen)| {
-                ring.set_nonblocking(true)?;
-                listen.set_nonblocking(true)?;
-                Ok((ring, listen))
-            });
-            Some(pair.map_err(|e| Error::Internal(format!("cannot create the request's doorbell socket: {e}")))?)
-        } else {
-            None
-        };
-        #[cfg(not(unix))]
-        if doorbell {
-            return Err(Error::BackendUnavailable("async waiting needs a Unix platform".into()));
-        }
-        Ok(Link {
+    pub fn new(stream_steps: bool, doorbell: Option<Arc<Doorbell>>) -> Self {
+        Link {
             inbox: Mutex::new(Inbox::default()),
             ready: Condvar::new(),
             cancelled: AtomicBool::new(false),
             stream_steps,
-            #[cfg(unix)]
-            bell,
-        })
+            bell: doorbell.map(|b| {
+                let ticket = b.ticket();
+                (b, ticket)
+            }),
+        }
     }
 
     fn inbox(&self) -> MutexGuard<'_, Inbox> {
@@ -70,11 +54,19 @@ impl Link {
 
     fn ring(&self) {
         self.ready.notify_all();
-        #[cfg(unix)]
-        if let Some((ring, _)) = &self.bell {
-            // A full socket already holds unread bytes, so the listener wakes anyway.
-            let _ = (&*ring).write(&[1]);
+        if let Some((bell, ticket)) = &self.bell {
+            bell.ring(*ticket);
         }
+    }
+
+    /// This request's ticket on its doorbell.
+    pub fn ticket(&self) -> Option<u64> {
+        self.bell.as_ref().map(|(_, t)| *t)
+    }
+
+    /// True once the result is in (or an error ended the request).
+    pub fn is_finished(&self) -> bool {
+        self.inbox().finished
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -119,20 +111,8 @@ impl Link {
         Self::drain(&mut inbox)
     }
 
-    /// Caller side, never blocks: empties the doorbell first, so a step pushed after this call
-    /// rings it again.
+    /// Caller side, never blocks.
     pub fn poll(&self) -> Events {
-        #[cfg(unix)]
-        if let Some((_, listen)) = &self.bell {
-            let mut buf = [0u8; 256];
-            loop {
-                match (&*listen).read(&mut buf) {
-                    Ok(n) if n > 0 => continue,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    _ => break,
-                }
-            }
-        }
         Self::drain(&mut self.inbox())
     }
 
@@ -148,17 +128,5 @@ impl Link {
             None if inbox.finished => Err(Error::Internal("the request's result was already taken".into())),
             None => Err(Error::Internal("the request has not finished yet".into())),
         }
-    }
-
-    /// The socket an event loop watches for readability, when the request has a doorbell.
-    #[cfg(unix)]
-    pub fn doorbell_fd(&self) -> Option<i32> {
-        use std::os::fd::AsRawFd;
-        self.bell.as_ref().map(|(_, listen)| listen.as_raw_fd())
-    }
-
-    #[cfg(not(unix))]
-    pub fn doorbell_fd(&self) -> Option<i32> {
-        None
     }
 }

@@ -7,12 +7,14 @@
 //! every row keeps its own processors and random stream. The one exception, dynamic NTK RoPE
 //! (whose frequencies follow the longest sequence in a step), is run one request per step.
 
+pub mod doorbell;
 pub mod link;
 mod stats;
 mod trim;
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,28 +23,84 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, SeqInput, SlotId};
 use crate::error::{Error, Result};
+use crate::faults::{self, FaultPoint};
 use crate::generation::{GenerationOutput, Request};
+pub use doorbell::Doorbell;
 pub use link::{Events, Link};
 pub use stats::StatsSnapshot;
 use stats::Stats;
 
-/// Bounds on what runs at once; requests beyond them wait. A request larger than the bounds
-/// by itself still runs, alone, when nothing else does.
+/// Bounds on what runs and waits at once. A request that could never run within them is refused
+/// at submit; one that fits waits until the running ones leave room.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Sequences (rows) decoding together.
     pub max_sequences: usize,
     /// KV-cache positions reserved together (each row reserves prompt + max_new_tokens).
     pub max_cache_positions: usize,
+    /// Requests waiting for admission; a submit beyond it is refused with `Error::Overloaded`.
+    pub max_queued_requests: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_sequences: 64, max_cache_positions: 1 << 20 }
+        Limits { max_sequences: 256, max_cache_positions: 1 << 20, max_queued_requests: 1024 }
     }
 }
 
-/// A cache slot that goes back to the backend when dropped (finish, error, cancel).
+/// "1.5 GiB"-style sizes for messages.
+fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Whether `request` can ever run within `limits` (alone); the error names the bound and the fix.
+fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize) -> Result<()> {
+    let rows = request.rows();
+    if rows > limits.max_sequences {
+        return Err(Error::invalid(format!(
+            "this request has {rows} rows (prompts x num_return_sequences) but the scheduler runs at most \
+             max_sequences={} at once; send fewer rows per call or raise the bound with \
+             gen.set_scheduler_limits(max_sequences=...)",
+            limits.max_sequences
+        )));
+    }
+    let positions = request.cache_positions();
+    if positions > limits.max_cache_positions {
+        let bytes = |n: usize| human_bytes(n as u128 * bytes_per_position as u128);
+        return Err(Error::invalid(format!(
+            "this request needs {positions} KV-cache positions ({rows} rows x prompt + max_new_tokens; {}) but the \
+             scheduler's cache budget is max_cache_tokens={} ({}); lower max_new_tokens, the prompt length or the \
+             number of rows, or raise the budget with gen.set_scheduler_limits(max_cache_tokens=...)",
+            bytes(positions),
+            limits.max_cache_positions,
+            bytes(limits.max_cache_positions)
+        )));
+    }
+    Ok(())
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// A cache slot that goes back to the backend when dropped (finish, error, cancel). A panic in
+/// the backend's release is contained here: a drop that panics while another panic unwinds
+/// would abort the process.
 struct OwnedSlot {
     backend: Arc<dyn Backend>,
     slot: SlotId,
@@ -50,19 +108,47 @@ struct OwnedSlot {
 
 impl Drop for OwnedSlot {
     fn drop(&mut self) {
-        self.backend.release(self.slot);
+        let (backend, slot) = (&self.backend, self.slot);
+        let _ = catch_unwind(AssertUnwindSafe(|| backend.release(slot)));
+    }
+}
+
+/// The scheduler's hold on a request's link: finishes it with an internal error if the request
+/// is dropped without an answer (a fault unwound past it), so no caller waits forever.
+struct Answer(Arc<Link>);
+
+impl Answer {
+    fn send(&self, result: Result<GenerationOutput>) {
+        self.0.finish(result);
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Ignored when the request was already answered.
+        self.0.finish(Err(Error::Internal("the scheduler dropped this request after an internal fault".into())));
+    }
+}
+
+/// Counts a request as queued from submit until it is admitted or dropped.
+struct QueuedTicket(Arc<Shared>);
+
+impl Drop for QueuedTicket {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 struct Waiting {
     request: Request,
-    link: Arc<Link>,
+    answer: Answer,
+    _queued: QueuedTicket,
 }
 
 struct Running {
     request: Request,
     slots: Vec<OwnedSlot>,
-    link: Arc<Link>,
+    answer: Answer,
 }
 
 #[derive(Default)]
@@ -81,6 +167,10 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: Stats,
+    /// Requests submitted and not yet admitted or dropped (incoming and waiting together).
+    queued: AtomicUsize,
+    /// False once the worker thread has stopped: waits and submits then fail instead of hanging.
+    alive: AtomicBool,
 }
 
 impl Shared {
@@ -91,6 +181,7 @@ impl Shared {
 
 pub struct Scheduler {
     shared: Arc<Shared>,
+    bytes_per_position: usize,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -130,6 +221,9 @@ impl RequestHandle {
             if events.finished {
                 return self.link.take_result();
             }
+            if !self.shared.alive.load(Ordering::Acquire) && !self.link.is_finished() {
+                return Err(Error::Internal("the scheduler thread stopped; reload the model".into()));
+            }
         }
     }
 }
@@ -148,18 +242,25 @@ impl Scheduler {
             queue: Mutex::new(Queue { limits, ..Default::default() }),
             wake: Condvar::new(),
             stats: Stats::default(),
+            queued: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
         });
+        let bytes_per_position = backend.cache_bytes_per_position();
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
             .name("kvgen-scheduler".into())
-            .spawn(move || Worker { shared: worker_shared, backend, isolate_requests }.run())
+            .spawn(move || {
+                Worker { shared: worker_shared, backend, isolate_requests, waiting: VecDeque::new(), running: Vec::new() }
+                    .run()
+            })
             .map_err(|e| Error::Internal(format!("cannot start the scheduler thread: {e}")))?;
-        Ok(Scheduler { shared, worker: Some(worker) })
+        Ok(Scheduler { shared, bytes_per_position, worker: Some(worker) })
     }
 
-    /// Queues a request; it joins the batch at the next step the limits allow.
-    pub fn submit(&self, request: Request, stream_steps: bool, doorbell: bool) -> Result<RequestHandle> {
-        let link = Arc::new(Link::new(stream_steps, doorbell)?);
+    /// Queues a request; it joins the batch at the next step the limits allow. Refused at once
+    /// when it could never fit the limits, or when the admission queue is full.
+    pub fn submit(&self, request: Request, stream_steps: bool, doorbell: Option<Arc<Doorbell>>) -> Result<RequestHandle> {
+        let link = Arc::new(Link::new(stream_steps, doorbell));
         let handle = RequestHandle { link: Arc::clone(&link), shared: Arc::clone(&self.shared) };
         if request.is_done() {
             link.finish(Ok(request.into_output()));
@@ -167,11 +268,22 @@ impl Scheduler {
         }
         {
             let mut queue = self.shared.queue();
-            if queue.shutdown {
+            if queue.shutdown || !self.shared.alive.load(Ordering::Acquire) {
                 return Err(Error::Internal("the scheduler has shut down".into()));
             }
-            queue.incoming.push_back(Waiting { request, link });
-            self.shared.stats.queued(queue.incoming.len());
+            check_fits(&request, &queue.limits, self.bytes_per_position)?;
+            let queued = self.shared.queued.load(Ordering::Acquire);
+            if queued >= queue.limits.max_queued_requests {
+                self.shared.stats.rejected();
+                return Err(Error::Overloaded(format!(
+                    "the scheduler's admission queue is full ({queued} requests wait, max_queued_requests={}); retry \
+                     later or raise the bound with gen.set_scheduler_limits(max_queued_requests=...)",
+                    queue.limits.max_queued_requests
+                )));
+            }
+            self.shared.queued.fetch_add(1, Ordering::AcqRel);
+            let ticket = QueuedTicket(Arc::clone(&self.shared));
+            queue.incoming.push_back(Waiting { request, answer: Answer(link), _queued: ticket });
         }
         self.shared.wake.notify_all();
         Ok(handle)
@@ -182,10 +294,10 @@ impl Scheduler {
     }
 
     pub fn set_limits(&self, limits: Limits) -> Result<()> {
-        if limits.max_sequences == 0 || limits.max_cache_positions == 0 {
+        if limits.max_sequences == 0 || limits.max_cache_positions == 0 || limits.max_queued_requests == 0 {
             return Err(Error::invalid(format!(
-                "max_sequences={} and max_cache_tokens={} must both be at least 1",
-                limits.max_sequences, limits.max_cache_positions
+                "max_sequences={}, max_cache_tokens={} and max_queued_requests={} must all be at least 1",
+                limits.max_sequences, limits.max_cache_positions, limits.max_queued_requests
             )));
         }
         self.shared.queue().limits = limits;
@@ -206,7 +318,9 @@ impl Scheduler {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        let mut s = self.shared.stats.snapshot();
+        s.queued_requests = self.shared.queued.load(Ordering::Acquire);
+        s
     }
 
     pub fn reset_peaks(&self) {
@@ -228,137 +342,206 @@ struct Worker {
     shared: Arc<Shared>,
     backend: Arc<dyn Backend>,
     isolate_requests: bool,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Running>,
+}
+
+/// Whatever ends the worker thread, nothing it holds or that is queued is left unanswered.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shared.alive.store(false, Ordering::Release);
+        let incoming: Vec<Waiting> = self.shared.queue().incoming.drain(..).collect();
+        let message = "the scheduler stopped before this request could finish";
+        for w in incoming.into_iter().chain(self.waiting.drain(..)) {
+            w.answer.send(Err(Error::Internal(message.into())));
+        }
+        for r in self.running.drain(..) {
+            r.answer.send(Err(Error::Internal(message.into())));
+        }
+    }
 }
 
 impl Worker {
-    fn run(self) {
-        let mut waiting: VecDeque<Waiting> = VecDeque::new();
-        let mut running: Vec<Running> = Vec::new();
+    /// The step loop. A panic that escapes a turn (a kvgen bug) fails the requests in flight
+    /// with an internal error; the loop then carries on with new requests.
+    fn run(mut self) {
         loop {
-            let limits = {
-                let mut queue = self.shared.queue();
-                loop {
-                    waiting.extend(queue.incoming.drain(..));
-                    drop_cancelled(&mut waiting, &mut running, &self.shared.stats);
-                    if queue.shutdown {
-                        for w in waiting.drain(..) {
-                            w.link.finish(Err(Error::Internal("the engine shut down".into())));
-                        }
-                        for r in running.drain(..) {
-                            r.link.finish(Err(Error::Internal("the engine shut down".into())));
-                        }
-                        return;
+            match catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(payload) => {
+                    self.shared.stats.internal_fault();
+                    let message = format!(
+                        "the scheduler caught an internal fault ({}) and stopped the requests in flight; the \
+                         generator keeps serving (please report this)",
+                        panic_message(payload.as_ref())
+                    );
+                    for w in self.waiting.drain(..) {
+                        w.answer.send(Err(Error::Internal(message.clone())));
                     }
-                    if queue.pause_at_step.is_some_and(|at| self.shared.stats.steps() >= at) {
-                        queue.paused = true;
-                        queue.pause_at_step = None;
+                    for r in std::mem::take(&mut self.running) {
+                        self.finish(r, Err(Error::Internal(message.clone())));
                     }
-                    let has_work = !running.is_empty() || !waiting.is_empty();
-                    if has_work && !queue.paused {
-                        break queue.limits;
-                    }
-                    self.publish(&waiting, &running);
-                    queue = match self.shared.wake.wait(queue) {
-                        Ok(q) => q,
-                        Err(p) => p.into_inner(),
-                    };
-                }
-            };
-            self.admit(&mut waiting, &mut running, limits);
-            self.publish(&waiting, &running);
-            if !running.is_empty() {
-                running = self.step(running);
-                if running.is_empty() && waiting.is_empty() {
-                    self.publish(&waiting, &running);
-                    trim::return_freed_memory();
+                    self.publish();
                 }
             }
         }
     }
 
-    fn publish(&self, waiting: &VecDeque<Waiting>, running: &[Running]) {
-        let rows: usize = running.iter().map(|r| r.request.rows()).sum();
-        self.shared.stats.set_load(running.len(), rows, waiting.len());
+    /// Waits for work, admits what fits and runs one step. False once the engine shuts down.
+    fn turn(&mut self) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let limits = {
+            let mut queue = shared.queue();
+            loop {
+                self.waiting.extend(queue.incoming.drain(..));
+                self.drop_cancelled();
+                if queue.shutdown {
+                    for w in self.waiting.drain(..) {
+                        w.answer.send(Err(Error::Internal("the engine shut down".into())));
+                    }
+                    for r in std::mem::take(&mut self.running) {
+                        self.finish(r, Err(Error::Internal("the engine shut down".into())));
+                    }
+                    return false;
+                }
+                if queue.pause_at_step.is_some_and(|at| self.shared.stats.steps() >= at) {
+                    queue.paused = true;
+                    queue.pause_at_step = None;
+                }
+                let has_work = !self.running.is_empty() || !self.waiting.is_empty();
+                if has_work && !queue.paused {
+                    break queue.limits;
+                }
+                self.publish();
+                queue = match shared.wake.wait(queue) {
+                    Ok(q) => q,
+                    Err(p) => p.into_inner(),
+                };
+            }
+        };
+        self.admit(limits);
+        self.publish();
+        faults::check(FaultPoint::Loop, self.running.iter().flat_map(|r| r.request.prompt_tokens()));
+        if !self.running.is_empty() {
+            self.step();
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish();
+                trim::return_freed_memory();
+            }
+        }
+        true
     }
 
-    /// Moves queued requests into the batch in arrival order while they fit.
-    fn admit(&self, waiting: &mut VecDeque<Waiting>, running: &mut Vec<Running>, limits: Limits) {
-        let mut rows: usize = running.iter().map(|r| r.request.rows()).sum();
-        let mut positions: usize = running.iter().map(|r| r.request.cache_positions()).sum();
-        while let Some(next) = waiting.front() {
+    fn publish(&self) {
+        let rows: usize = self.running.iter().map(|r| r.request.rows()).sum();
+        self.shared.stats.set_load(self.running.len(), rows);
+    }
+
+    /// Moves queued requests into the batch in arrival order while they fit. Their memory (KV
+    /// slots, score buffers) is reserved here, against the budget, not at submit.
+    fn admit(&mut self, limits: Limits) {
+        let bytes_per_position = self.backend.cache_bytes_per_position();
+        let mut rows: usize = self.running.iter().map(|r| r.request.rows()).sum();
+        let mut positions: usize = self.running.iter().map(|r| r.request.cache_positions()).sum();
+        while let Some(next) = self.waiting.front() {
             let (need_rows, need_positions) = (next.request.rows(), next.request.cache_positions());
+            // The limits may have been lowered since the request was submitted.
+            if let Err(e) = check_fits(&next.request, &limits, bytes_per_position) {
+                if let Some(w) = self.waiting.pop_front() {
+                    w.answer.send(Err(e));
+                }
+                continue;
+            }
             let fits = rows + need_rows <= limits.max_sequences && positions + need_positions <= limits.max_cache_positions;
-            if !fits && !running.is_empty() {
+            if !fits {
                 break;
             }
-            let Some(Waiting { request, link }) = waiting.pop_front() else { break };
-            match self.allocate(&request) {
+            let Some(Waiting { mut request, answer, _queued }) = self.waiting.pop_front() else { break };
+            drop(_queued);
+            let started = catch_unwind(AssertUnwindSafe(|| self.reserve(&mut request)))
+                .unwrap_or_else(|p| Err(Error::Internal(format!("a panic while admitting the request: {}", panic_message(p.as_ref())))));
+            match started {
                 Ok(slots) => {
                     rows += need_rows;
                     positions += need_positions;
-                    running.push(Running { request, slots, link });
+                    self.running.push(Running { request, slots, answer });
                 }
-                Err(e) => link.finish(Err(e)),
+                Err(e) => answer.send(Err(e)),
             }
         }
     }
 
-    fn allocate(&self, request: &Request) -> Result<Vec<OwnedSlot>> {
-        (0..request.rows())
+    /// A request's cache slots and working buffers.
+    fn reserve(&self, request: &mut Request) -> Result<Vec<OwnedSlot>> {
+        faults::check(FaultPoint::Admit, request.prompt_tokens());
+        let slots = (0..request.rows())
             .map(|r| {
                 let slot = self.backend.allocate(request.slot_capacity(r))?;
                 Ok(OwnedSlot { backend: Arc::clone(&self.backend), slot })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        request.reserve_buffers()?;
+        Ok(slots)
     }
 
-    /// One step of every running request; returns those still running.
-    fn step(&self, mut running: Vec<Running>) -> Vec<Running> {
+    /// Frees a request's slots, then answers its caller (so the memory is free when it hears
+    /// back). A panic while releasing is contained: the request still gets its answer.
+    fn finish(&self, running: Running, result: Result<()>) {
+        let Running { request, slots, answer } = running;
+        let released = catch_unwind(AssertUnwindSafe(|| {
+            faults::check(FaultPoint::Release, request.prompt_tokens());
+            drop(slots);
+        }));
+        if released.is_err() {
+            self.shared.stats.internal_fault();
+        }
+        answer.send(result.map(|()| request.into_output()));
+    }
+
+    /// One step of every running request; those that end leave `running`.
+    fn step(&mut self) {
         let outcomes = if self.isolate_requests {
-            running.iter().map(|r| self.forward(std::slice::from_ref(r))).collect()
+            self.running.iter().map(|r| self.forward(std::slice::from_ref(r))).collect()
         } else {
-            match self.forward(&running) {
-                Ok(logits) => split_logits(logits, &running),
+            match self.forward(&self.running) {
+                Ok(logits) => split_logits(logits, &self.running),
                 // Rerun each alone, so a failure lands on the request that caused it.
-                Err(_) => running.iter().map(|r| self.forward(std::slice::from_ref(r))).collect(),
+                Err(_) => self.running.iter().map(|r| self.forward(std::slice::from_ref(r))).collect(),
             }
         };
-        let sequences: usize = running.iter().map(|r| r.request.step_inputs().len()).sum();
-        let prefills = running.iter().filter(|r| r.request.is_prefill()).count();
-        self.shared.stats.stepped(sequences, prefills > 0 && prefills < running.len());
+        let sequences: usize = self.running.iter().map(|r| r.request.step_inputs().len()).sum();
+        let prefills = self.running.iter().filter(|r| r.request.is_prefill()).count();
+        self.shared.stats.stepped(sequences, prefills > 0 && prefills < self.running.len());
 
-        let advanced: Vec<Result<Vec<u32>>> = running
+        let advanced: Vec<Result<Vec<u32>>> = self
+            .running
             .par_iter_mut()
             .zip(outcomes)
             .map(|(r, logits)| {
                 let logits = logits?;
-                catch_unwind(AssertUnwindSafe(|| r.request.advance(&logits)))
-                    .unwrap_or_else(|_| Err(Error::Internal("a panic while processing a step".into())))
+                catch_unwind(AssertUnwindSafe(|| r.request.advance(&logits))).unwrap_or_else(|p| {
+                    Err(Error::Internal(format!("a panic while processing a step: {}", panic_message(p.as_ref()))))
+                })
             })
             .collect();
-        let mut still = Vec::with_capacity(running.len());
-        for (r, outcome) in running.into_iter().zip(advanced) {
+        for (r, outcome) in std::mem::take(&mut self.running).into_iter().zip(advanced) {
             match outcome {
                 Ok(tokens) => {
-                    r.link.push_step(tokens);
+                    r.answer.0.push_step(tokens);
                     if r.request.is_done() {
-                        let Running { request, slots, link } = r;
-                        drop(slots); // free the cache before the caller hears back
-                        link.finish(Ok(request.into_output()));
+                        self.finish(r, Ok(()));
                         self.shared.stats.completed();
                     } else {
-                        still.push(r);
+                        self.running.push(r);
                     }
                 }
                 Err(e) => {
-                    let Running { slots, link, .. } = r;
-                    drop(slots);
-                    link.finish(Err(e));
+                    self.finish(r, Err(e));
                     self.shared.stats.completed();
                 }
             }
         }
-        still
     }
 
     /// One backend step over `batch`; the logits of all their step rows, in order.
@@ -373,8 +556,25 @@ impl Worker {
                 })
             })
             .collect();
-        catch_unwind(AssertUnwindSafe(|| self.backend.step(&seqs, false)))
-            .unwrap_or_else(|_| Err(Error::Internal("a panic in the backend step".into())))
+        catch_unwind(AssertUnwindSafe(|| self.backend.step(&seqs, false))).unwrap_or_else(|p| {
+            Err(Error::Internal(format!("a panic in the backend step: {}", panic_message(p.as_ref()))))
+        })
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (cancelled, kept): (Vec<Waiting>, Vec<Waiting>) = self.waiting.drain(..).partition(|w| w.answer.0.is_cancelled());
+        self.waiting = kept.into();
+        for w in cancelled {
+            w.answer.send(Err(Error::Cancelled));
+            self.shared.stats.cancelled();
+        }
+        let (cancelled, kept): (Vec<Running>, Vec<Running>) =
+            std::mem::take(&mut self.running).into_iter().partition(|r| r.answer.0.is_cancelled());
+        self.running = kept;
+        for r in cancelled {
+            self.finish(r, Err(Error::Cancelled));
+            self.shared.stats.cancelled();
+        }
     }
 }
 
@@ -398,26 +598,6 @@ fn split_logits(logits: Vec<f32>, running: &[Running]) -> Vec<Result<Vec<f32>>> 
         .collect()
 }
 
-fn drop_cancelled(waiting: &mut VecDeque<Waiting>, running: &mut Vec<Running>, stats: &Stats) {
-    for w in extract(waiting, |w| w.link.is_cancelled()) {
-        w.link.finish(Err(Error::Cancelled));
-        stats.cancelled();
-    }
-    let (cancelled, kept): (Vec<Running>, Vec<Running>) = running.drain(..).partition(|r| r.link.is_cancelled());
-    *running = kept;
-    for Running { slots, link, .. } in cancelled {
-        drop(slots); // free the cache before the caller hears back
-        link.finish(Err(Error::Cancelled));
-        stats.cancelled();
-    }
-}
-
-fn extract<T>(items: &mut VecDeque<T>, mut pick: impl FnMut(&T) -> bool) -> Vec<T> {
-    let (picked, kept): (Vec<T>, Vec<T>) = items.drain(..).partition(|x| pick(x));
-    *items = kept.into();
-    picked
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +610,8 @@ mod tests {
     struct FakeBackend {
         live: AtomicUsize,
         next: AtomicUsize,
+        /// A step that feeds this token panics (a fault in one request's part of a mixed step).
+        poison: Option<u32>,
     }
 
     const VOCAB: usize = 50;
@@ -453,6 +635,9 @@ mod tests {
         }
         fn step(&self, seqs: &[SeqInput], _all: bool) -> Result<Vec<f32>> {
             std::thread::sleep(Duration::from_micros(200));
+            if seqs.iter().any(|s| self.poison.is_some_and(|p| s.tokens.contains(&p))) {
+                panic!("poisoned step");
+            }
             let mut out = Vec::with_capacity(seqs.len() * VOCAB);
             for s in seqs {
                 let last = *s.tokens.last().unwrap_or(&0) as usize;
@@ -493,7 +678,7 @@ mod tests {
             .map(|i| {
                 let p = params(10 + i, (i % 2 == 1).then_some(i as u64));
                 let request = Request::new(vec![prompt(i)], p, None, VOCAB).unwrap();
-                scheduler.submit(request, false, false).unwrap()
+                scheduler.submit(request, false, None).unwrap()
             })
             .collect();
         scheduler.set_paused(false, None);
@@ -511,7 +696,7 @@ mod tests {
         let limits = Limits { max_sequences: 2, ..Limits::default() };
         let scheduler = Scheduler::start(backend, limits, false).unwrap();
         let handles: Vec<RequestHandle> = (0..5)
-            .map(|i| scheduler.submit(Request::new(vec![prompt(i)], params(400, None), None, VOCAB).unwrap(), false, false).unwrap())
+            .map(|i| scheduler.submit(Request::new(vec![prompt(i)], params(400, None), None, VOCAB).unwrap(), false, None).unwrap())
             .collect();
         std::thread::sleep(Duration::from_millis(20));
         assert!(fake.live.load(Ordering::SeqCst) <= 2);
@@ -525,5 +710,96 @@ mod tests {
         }
         assert_eq!(fake.live.load(Ordering::SeqCst), 0);
         assert_eq!(scheduler.stats().cancelled, 5);
+    }
+
+    #[test]
+    fn a_request_that_can_never_fit_is_refused_at_submit() {
+        let backend: Arc<dyn Backend> = Arc::new(FakeBackend::default());
+        let limits = Limits { max_sequences: 2, max_cache_positions: 100, max_queued_requests: 8 };
+        let scheduler = Scheduler::start(backend, limits, false).unwrap();
+        let too_wide = Request::new(vec![prompt(0), prompt(1), prompt(2)], params(5, None), None, VOCAB).unwrap();
+        let err = scheduler.submit(too_wide, false, None).err().expect("three rows exceed max_sequences=2");
+        assert!(matches!(&err, Error::InvalidInput(m) if m.contains("max_sequences=2")), "{err}");
+        let too_long = Request::new(vec![prompt(0)], params(1000, None), None, VOCAB).unwrap();
+        let err = scheduler.submit(too_long, false, None).err().expect("1000 positions exceed the budget of 100");
+        assert!(matches!(&err, Error::InvalidInput(m) if m.contains("max_cache_tokens=100")), "{err}");
+        let fits = Request::new(vec![prompt(0)], params(5, None), None, VOCAB).unwrap();
+        assert_eq!(scheduler.submit(fits, false, None).unwrap().wait(Duration::from_millis(5), |_| Ok(())).unwrap().tokens[0].len(), 5);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_with_overloaded() {
+        let backend: Arc<dyn Backend> = Arc::new(FakeBackend::default());
+        let limits = Limits { max_queued_requests: 3, ..Limits::default() };
+        let scheduler = Scheduler::start(backend, limits, false).unwrap();
+        scheduler.set_paused(true, None);
+        let submit = || scheduler.submit(Request::new(vec![prompt(0)], params(3, None), None, VOCAB).unwrap(), false, None);
+        let held: Vec<RequestHandle> = (0..3).map(|_| submit().unwrap()).collect();
+        assert!(matches!(submit().err(), Some(Error::Overloaded(m)) if m.contains("max_queued_requests=3")));
+        assert_eq!(scheduler.stats().queued_requests, 3);
+        assert_eq!(scheduler.stats().rejected, 1);
+        scheduler.set_paused(false, None);
+        for h in &held {
+            h.wait(Duration::from_millis(5), |_| Ok(())).unwrap();
+        }
+        assert_eq!(scheduler.stats().queued_requests, 0);
+        submit().unwrap().wait(Duration::from_millis(5), |_| Ok(())).unwrap();
+    }
+
+    #[test]
+    fn a_panic_in_one_requests_part_of_a_step_fails_only_that_request() {
+        let backend: Arc<dyn Backend> = Arc::new(FakeBackend { poison: Some(49), ..Default::default() });
+        let scheduler = Scheduler::start(Arc::clone(&backend), Limits::default(), false).unwrap();
+        let solo: Vec<Vec<u32>> = (0..3)
+            .map(|i| generation::generate(backend.as_ref(), vec![prompt(i)], params(12, None), None, &mut NoObserver).unwrap().tokens[0].clone())
+            .collect();
+        scheduler.set_paused(true, None);
+        let good: Vec<RequestHandle> = (0..3)
+            .map(|i| scheduler.submit(Request::new(vec![prompt(i)], params(12, None), None, VOCAB).unwrap(), false, None).unwrap())
+            .collect();
+        let poisoned = Prompt { input_ids: vec![1, 49, 2], tokens: vec![1, 49, 2], ignore_prefix: 0 };
+        let bad = scheduler.submit(Request::new(vec![poisoned], params(12, None), None, VOCAB).unwrap(), false, None).unwrap();
+        scheduler.set_paused(false, None);
+        let err = bad.wait(Duration::from_millis(5), |_| Ok(())).err().expect("the poisoned request fails");
+        assert!(matches!(&err, Error::Internal(m) if m.contains("poisoned step")), "{err}");
+        for (i, h) in good.iter().enumerate() {
+            assert_eq!(h.wait(Duration::from_millis(5), |_| Ok(())).unwrap().tokens[0], solo[i], "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_worker_that_stops_answers_every_request_it_held() {
+        let backend: Arc<dyn Backend> = Arc::new(FakeBackend::default());
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            stats: Stats::default(),
+            queued: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+        });
+        let mut worker = Worker { shared: Arc::clone(&shared), backend, isolate_requests: false, waiting: VecDeque::new(), running: Vec::new() };
+        let mut handles = Vec::new();
+        for i in 0..2 {
+            let link = Arc::new(Link::new(false, None));
+            handles.push(RequestHandle { link: Arc::clone(&link), shared: Arc::clone(&shared) });
+            shared.queued.fetch_add(1, Ordering::AcqRel);
+            let waiting = Waiting {
+                request: Request::new(vec![prompt(i)], params(3, None), None, VOCAB).unwrap(),
+                answer: Answer(link),
+                _queued: QueuedTicket(Arc::clone(&shared)),
+            };
+            if i == 0 {
+                worker.waiting.push_back(waiting);
+            } else {
+                shared.queue().incoming.push_back(waiting);
+            }
+        }
+        drop(worker);
+        assert!(!shared.alive.load(Ordering::Acquire));
+        assert_eq!(shared.queued.load(Ordering::Acquire), 0);
+        for h in &handles {
+            let err = h.wait(Duration::from_millis(5), |_| Ok(())).err().expect("answered with an error");
+            assert!(matches!(err, Error::Internal(_)), "{err}");
+        }
     }
 }

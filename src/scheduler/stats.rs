@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 pub struct Stats {
     running_requests: AtomicUsize,
     running_sequences: AtomicUsize,
-    queued_requests: AtomicUsize,
     steps: AtomicUsize,
     /// Steps where one request's prefill ran together with other requests' decode.
     mixed_steps: AtomicUsize,
@@ -15,6 +14,10 @@ pub struct Stats {
     max_running_requests: AtomicUsize,
     completed: AtomicUsize,
     cancelled: AtomicUsize,
+    /// Submits refused because the admission queue was full.
+    rejected: AtomicUsize,
+    /// Panics the scheduler contained (in its loop, an admission, a release).
+    internal_faults: AtomicUsize,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -28,19 +31,15 @@ pub struct StatsSnapshot {
     pub max_running_requests: usize,
     pub completed: usize,
     pub cancelled: usize,
+    pub rejected: usize,
+    pub internal_faults: usize,
 }
 
 impl Stats {
-    pub fn set_load(&self, requests: usize, sequences: usize, queued: usize) {
+    pub fn set_load(&self, requests: usize, sequences: usize) {
         self.running_requests.store(requests, Relaxed);
         self.running_sequences.store(sequences, Relaxed);
-        self.queued_requests.store(queued, Relaxed);
         self.max_running_requests.fetch_max(requests, Relaxed);
-    }
-
-    /// A request entered the incoming queue (counted before the worker picks it up).
-    pub fn queued(&self, incoming: usize) {
-        self.queued_requests.fetch_max(incoming, Relaxed);
     }
 
     pub fn steps(&self) -> usize {
@@ -63,6 +62,14 @@ impl Stats {
         self.cancelled.fetch_add(1, Relaxed);
     }
 
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
+    }
+
+    pub fn internal_fault(&self) {
+        self.internal_faults.fetch_add(1, Relaxed);
+    }
+
     pub fn reset_peaks(&self) {
         self.max_step_sequences.store(0, Relaxed);
         self.max_running_requests.store(0, Relaxed);
@@ -73,13 +80,16 @@ impl Stats {
         StatsSnapshot {
             running_requests: self.running_requests.load(Relaxed),
             running_sequences: self.running_sequences.load(Relaxed),
-            queued_requests: self.queued_requests.load(Relaxed),
+            // Filled in by the scheduler, which counts queued requests itself.
+            queued_requests: 0,
             steps: self.steps.load(Relaxed),
             mixed_steps: self.mixed_steps.load(Relaxed),
             max_step_sequences: self.max_step_sequences.load(Relaxed),
             max_running_requests: self.max_running_requests.load(Relaxed),
             completed: self.completed.load(Relaxed),
             cancelled: self.cancelled.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            internal_faults: self.internal_faults.load(Relaxed),
         }
     }
 }

@@ -72,42 +72,54 @@ impl Backend for CpuBackend {
     }
 
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
-        let mut caches = Vec::with_capacity(seqs.len());
-        {
-            let mut slots = self.lock();
-            for s in seqs {
-                let state = slots.get_mut(s.slot).map(|st| std::mem::replace(st, SlotState::InUse));
-                match state {
-                    Some(SlotState::Idle(c)) => caches.push(c),
-                    other => {
-                        // Put back what we took before failing.
-                        if let Some(st) = other {
-                            slots[s.slot] = st;
-                        }
-                        for (c, prev) in caches.drain(..).zip(seqs) {
-                            slots[prev.slot] = SlotState::Idle(c);
-                        }
-                        return Err(Error::Internal(format!("slot {} is not allocated or already in use", s.slot)));
+        let mut taken = TakenCaches::take(self, seqs)?;
+        crate::faults::check(crate::faults::FaultPoint::Step, seqs.iter().flat_map(|s| s.tokens.iter().copied()));
+        let mut items: Vec<SeqBatchItem> = taken
+            .caches
+            .iter_mut()
+            .zip(seqs)
+            .map(|((_, cache), s)| SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos })
+            .collect();
+        self.model.forward(&mut items, all_positions)
+    }
+}
+
+/// The caches a step took out of the slot table; they go back when it ends, also when the step
+/// fails or panics, so the slots stay usable (a rerun rewrites the positions the step touched).
+struct TakenCaches<'a> {
+    backend: &'a CpuBackend,
+    caches: Vec<(SlotId, KvCache)>,
+}
+
+impl<'a> TakenCaches<'a> {
+    fn take(backend: &'a CpuBackend, seqs: &[SeqInput]) -> Result<Self> {
+        let mut taken = TakenCaches { backend, caches: Vec::with_capacity(seqs.len()) };
+        let mut slots = backend.lock();
+        for s in seqs {
+            let state = slots.get_mut(s.slot).map(|st| std::mem::replace(st, SlotState::InUse));
+            match state {
+                Some(SlotState::Idle(c)) => taken.caches.push((s.slot, c)),
+                other => {
+                    if let Some(st) = other {
+                        slots[s.slot] = st;
                     }
+                    drop(slots);
+                    return Err(Error::Internal(format!("slot {} is not allocated or already in use", s.slot)));
                 }
             }
         }
-        let result = {
-            let mut items: Vec<SeqBatchItem> = caches
-                .iter_mut()
-                .zip(seqs)
-                .map(|(cache, s)| SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos })
-                .collect();
-            self.model.forward(&mut items, all_positions)
-        };
-        let mut slots = self.lock();
-        for (c, s) in caches.into_iter().zip(seqs) {
-            if let Some(st) = slots.get_mut(s.slot) {
-                if matches!(st, SlotState::InUse) {
-                    *st = SlotState::Idle(c);
-                }
+        Ok(taken)
+    }
+}
+
+impl Drop for TakenCaches<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.backend.lock();
+        for (slot, cache) in self.caches.drain(..) {
+            // A slot released while its step ran stays free (its cache is dropped).
+            if let Some(st @ SlotState::InUse) = slots.get_mut(slot) {
+                *st = SlotState::Idle(cache);
             }
         }
-        result
     }
 }

@@ -1,0 +1,238 @@
+"""Hostile clients against the real server: `python -m kvgen serve` (uvicorn on loopback) with the
+SmolLM2 GGUF in its own process, so its memory and file descriptors can be measured. Every attack
+gets its 4xx/429 within a second, the server's RSS grows by less than 50 MB, a normal request
+right after still works, and connections opened and dropped leave no descriptors behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+MAX_RSS_GROWTH = 50 << 20
+# Small bounds, so the flood tests need few requests: 4 sequences run, 2 wait, 8 in flight.
+SERVER_FLAGS = [
+    "--max-batch-size", "4",
+    "--max-queued-requests", "2",
+    "--max-concurrent-requests", "8",
+    "--max-cache-tokens", "10000",
+    "--max-connections", "400",
+]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(gguf_path, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvgen", "serve", "--model", gguf_path, "--port", str(port), *SERVER_FLAGS],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    srv = Server(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(srv.url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+    try:
+        _normal(srv)  # warm: first-use allocations are not growth
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        assert proc.returncode in (0, -15), log.read_text()[-3000:]
+
+
+def _normal(srv: Server) -> None:
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _error(r: httpx.Response, status: int, needle: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    err = r.json()["error"]
+    assert needle in err["message"], err
+    return err
+
+
+@pytest.fixture
+def guarded(server):
+    """Runs one attack: the answer within a second, RSS growth under the bound, then a normal request."""
+
+    def attack(send) -> httpx.Response:
+        before = server.rss()
+        start = time.perf_counter()
+        r = send()
+        elapsed = time.perf_counter() - start
+        assert elapsed < 1.0, f"the answer took {elapsed:.2f} s"
+        grown = server.rss() - before
+        assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MB"
+        _normal(server)
+        return r
+
+    return attack
+
+
+def _post(srv: Server, body, path="/v1/completions", **kw) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=30, **kw)
+
+
+def test_prompt_batch_times_n_is_bounded(server, guarded):
+    r = guarded(lambda: _post(server, {"prompt": [[1, 2, 3]] * 300, "n": 16, "max_tokens": 64}))
+    err = _error(r, 400, "max_rows_per_request")
+    assert "300 prompt(s) x n=16 = 4800" in err["message"] and err["param"] == "prompt"
+
+
+def test_declared_oversized_body_is_refused_unread(server, guarded):
+    body = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    r = guarded(lambda: httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30))
+    _error(r, 413, "max_body_bytes")
+
+
+def test_chunked_oversized_body_is_refused(server, guarded):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(17):  # just over the 1 MiB limit
+            yield b"y" * 65536
+        yield b'"}'
+
+    r = guarded(lambda: httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30))
+    _error(r, 413, "1048576 bytes")
+
+
+def test_stop_strings_are_bounded(server, guarded):
+    err = _error(guarded(lambda: _post(server, {"prompt": "hi", "stop": ["x" * 5000]})), 400, "max_stop_length")
+    assert err["param"] == "stop" and "5000 characters" in err["message"]
+    _error(guarded(lambda: _post(server, {"prompt": "hi", "stop": [f"s{i}" for i in range(10)]})), 400, "10 stop sequences")
+
+
+def test_long_prompt_is_refused_and_the_loop_keeps_serving(server, guarded):
+    text = "hello world " * 25_000  # ~300 KB, ~50k tokens
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            attack = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": text}))
+            worst = 0.0
+            while not attack.done():
+                start = time.perf_counter()
+                assert (await client.get("/health")).status_code == 200
+                worst = max(worst, time.perf_counter() - start)
+            return await attack, worst
+
+    r, worst = guarded(lambda: asyncio.run(main()))
+    _error(r, 400, "max_prompt_tokens")
+    assert worst < 0.5, f"/health waited {worst:.2f} s while the prompt was tokenized"
+
+
+def test_generation_bounds(server, guarded):
+    _error(guarded(lambda: _post(server, {"prompt": "hi", "max_tokens": 10**9})), 400, "max_tokens=1000000000")
+    # 4 rows x (prompt + 4000) positions exceed the 10000-position cache budget: refused, not run alone.
+    _error(guarded(lambda: _post(server, {"prompt": "hi", "n": 4, "max_tokens": 4000})), 400, "max_cache_tokens=10000")
+    _error(guarded(lambda: _post(server, {"prompt": "hi", "logprobs": 20})), 400, "logprobs=20")
+    _error(guarded(lambda: _post(server, {"prompt": "hi", "n": 8, "max_tokens": 4})), 400, "max_sequences=4")
+
+
+def test_logprobs_keep_no_logits(server, guarded):
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "n": 4, "logprobs": 5, "temperature": 0.8, "seed": 1}
+    before = server.rss()
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    assert server.rss() - before < MAX_RSS_GROWTH
+    for choice in r.json()["choices"]:
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) >= 1
+        assert all(len(top) <= 5 and all(v <= 0 for v in top.values()) for top in lp["top_logprobs"])
+    guarded(lambda: _post(server, dict(body, max_tokens=1)))
+
+
+def test_a_flood_gets_429_with_retry_after(server):
+    body = {"prompt": "Tell me a long story about a cat", "max_tokens": 48, "temperature": 0}
+    before = server.rss()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            async def one():
+                start = time.perf_counter()
+                r = await client.post("/v1/completions", json=body)
+                return r, time.perf_counter() - start
+
+            return await asyncio.gather(*(one() for _ in range(24)))
+
+    results = asyncio.run(main())
+    refused = [(r, t) for r, t in results if r.status_code == 429]
+    served = [r for r, _ in results if r.status_code == 200]
+    assert len(refused) + len(served) == 24, [r.status_code for r, _ in results]
+    # 8 in flight at most, of which 2 may wait for the model (a request waits until the
+    # scheduler's next step admits it): the rest are refused at the door or by the queue.
+    assert len(refused) >= 12 and len(served) >= 2, (len(refused), len(served))
+    for r, t in refused:
+        assert r.headers.get("retry-after") == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert t < 1.0
+    messages = [r.json()["error"]["message"] for r, _ in refused]
+    assert any("max_queued_requests" in m for m in messages), "no refusal by the scheduler's queue"
+    assert any("max_concurrent_requests" in m for m in messages), "no refusal at the door"
+    assert server.rss() - before < MAX_RSS_GROWTH
+    _normal(server)
+
+
+def test_dropped_connections_leave_no_descriptors(server):
+    _normal(server)
+    baseline = server.fds()
+    socks = []
+    for i in range(200):
+        s = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        if i % 2:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        socks.append(s)
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 10
+    while server.fds() > baseline + 2:
+        assert time.monotonic() < deadline, f"{server.fds()} descriptors open, {baseline} before"
+        time.sleep(0.1)
+    _normal(server)
