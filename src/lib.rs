@@ -5,6 +5,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod mem;
 pub mod model;
 pub mod resolve;
 pub mod sampling;
