@@ -77,14 +77,143 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-fn get_usize(v: &Value, key: &str) -> Option<usize> {
-    v.get(key).and_then(Value::as_u64).map(|x| x as usize)
+/// Hard bounds on config.json sizes. Each is far above every released model of these families
+/// (noted per line), and together with `MAX_PARAMETERS` they keep every implied size (weights,
+/// KV bytes per position) well inside usize, so a corrupt file fails here rather than in an
+/// allocation.
+pub mod limits {
+    /// Llama 3.1 405B has 126 layers.
+    pub const MAX_LAYERS: u64 = 1024;
+    /// Llama 3.1 405B: 16384.
+    pub const MAX_HIDDEN: u64 = 1 << 18;
+    /// Llama 3.1 405B: 53248.
+    pub const MAX_INTERMEDIATE: u64 = 1 << 20;
+    /// 128 at most in released models.
+    pub const MAX_HEADS: u64 = 4096;
+    /// 256 at most in released models.
+    pub const MAX_HEAD_DIM: u64 = 4096;
+    /// Gemma 3: 262144; 2^24 is 64x that.
+    pub const MAX_VOCAB: u64 = 1 << 24;
+    /// Llama 4 Scout: 10485760 positions.
+    pub const MAX_CONTEXT: u64 = 1 << 24;
+    /// 2.2e12 parameters: 5x Llama 3.1 405B, the largest dense model of these families.
+    pub const MAX_PARAMETERS: u64 = 1 << 41;
+    /// RoPE scaling factors (released: up to 64).
+    pub const MAX_ROPE_FACTOR: f64 = 1e6;
 }
-fn get_f64(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
+
+/// Where config values came from, for error messages: how to name a field and how to fix it.
+pub struct Origin<'a> {
+    /// Renders a config.json field name (a GGUF file adds the metadata key it was built from).
+    pub field: &'a dyn Fn(&str) -> String,
+    pub fix: &'a str,
 }
-fn get_bool(v: &Value, key: &str) -> Option<bool> {
-    v.get(key).and_then(Value::as_bool)
+
+impl Origin<'static> {
+    pub const CONFIG_JSON: Origin<'static> = Origin {
+        field: &|f| format!("`{f}`"),
+        fix: "the file is corrupt or not a transformers config; correct the value in config.json",
+    };
+}
+
+/// Typed, bounded reads of config fields: absent or JSON null gives None (the default applies);
+/// a present value of the wrong type or out of range is an error naming field, value and limit.
+struct Fields<'a> {
+    raw: &'a Value,
+    origin: &'a Origin<'a>,
+}
+
+impl Fields<'_> {
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.raw.get(key).filter(|v| !v.is_null())
+    }
+
+    fn bad(&self, key: &str, v: &Value, rule: &str) -> Error {
+        Error::invalid(format!("{} = {v} is invalid: it must be {rule}; {}", (self.origin.field)(key), self.origin.fix))
+    }
+
+    /// An integer in `min..=max` (`why` says what real models have).
+    fn uint(&self, key: &str, min: u64, max: u64, why: &str) -> Result<Option<usize>> {
+        let Some(v) = self.present(key) else { return Ok(None) };
+        match v.as_u64() {
+            Some(x) if (min..=max).contains(&x) => usize::try_from(x).map(Some).map_err(|_| self.bad(key, v, why)),
+            _ => Err(self.bad(key, v, &format!("an integer in {min}..={max} ({why})"))),
+        }
+    }
+
+    fn need_uint(&self, key: &str, min: u64, max: u64, why: &str) -> Result<usize> {
+        self.uint(key, min, max, why)?.ok_or_else(|| {
+            Error::invalid(format!("{} is missing: config.json must give it as an integer", (self.origin.field)(key)))
+        })
+    }
+
+    /// A finite number with `ok(x)`; `rule` describes the accepted range.
+    fn float(&self, key: &str, ok: impl Fn(f64) -> bool, rule: &str) -> Result<Option<f64>> {
+        let Some(v) = self.present(key) else { return Ok(None) };
+        match v.as_f64() {
+            Some(x) if x.is_finite() && ok(x) => Ok(Some(x)),
+            _ => Err(self.bad(key, v, rule)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        let Some(v) = self.present(key) else { return Ok(None) };
+        v.as_bool().map(Some).ok_or_else(|| self.bad(key, v, "true or false"))
+    }
+
+    fn sub<'b>(&'b self, raw: &'b Value) -> Fields<'b> {
+        Fields { raw, origin: self.origin }
+    }
+}
+
+impl Architecture {
+    /// transformers 5.x's `max_position_embeddings` default of the config class, used when
+    /// config.json omits it (LlamaConfig 2048, MistralConfig 131072, Qwen2Config/Qwen3Config 32768).
+    pub fn default_max_position_embeddings(self) -> usize {
+        match self {
+            Architecture::Llama => 2048,
+            Architecture::Mistral => 131072,
+            Architecture::Qwen2 | Architecture::Qwen3 => 32768,
+        }
+    }
+}
+
+/// The sizes that fix every weight shape, checked together (`check_sizes`).
+struct Sizes {
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    tied: bool,
+}
+
+impl Sizes {
+    /// Parameters the shapes imply (projections, MLP, norms, embedding and head), or None on overflow.
+    fn parameters(&self) -> Option<u64> {
+        let n = |x: usize| x as u64;
+        let (h, q, kv) = (n(self.hidden), n(self.heads).checked_mul(n(self.head_dim))?, n(self.kv_heads).checked_mul(n(self.head_dim))?);
+        let attn = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = h.checked_mul(n(self.intermediate))?.checked_mul(3)?;
+        let layer = attn.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+        let embed = n(self.vocab).checked_mul(h)?.checked_mul(if self.tied { 1 } else { 2 })?;
+        n(self.layers).checked_mul(layer)?.checked_add(embed)?.checked_add(h)
+    }
+}
+
+fn check_sizes(s: &Sizes, origin: &Origin) -> Result<()> {
+    let params = s.parameters().filter(|&p| p <= limits::MAX_PARAMETERS);
+    if params.is_none() {
+        return Err(Error::invalid(format!(
+            "config implies {} parameters (hidden_size={}, intermediate_size={}, num_hidden_layers={}, num_attention_heads={}, \
+             head_dim={}, vocab_size={}), above kvgen's limit of {} (2^41; 5x the largest dense model of these families); {}",
+            s.parameters().map_or("more than 2^64".to_string(), |p| p.to_string()),
+            s.hidden, s.intermediate, s.layers, s.heads, s.head_dim, s.vocab, limits::MAX_PARAMETERS, origin.fix
+        )));
+    }
+    Ok(())
 }
 
 impl ModelConfig {
@@ -97,7 +226,14 @@ impl ModelConfig {
         })
     }
 
+    /// A config.json object; bad values are `InvalidInput` (callers that know the file make
+    /// them `BadModelFile`).
     pub fn from_json(raw: Value) -> Result<Self> {
+        Self::from_json_with(raw, &Origin::CONFIG_JSON)
+    }
+
+    /// `from_json` with messages naming fields as `origin` says (a GGUF file's metadata keys).
+    pub fn from_json_with(mut raw: Value, origin: &Origin) -> Result<Self> {
         let arch_name = raw
             .get("architectures")
             .and_then(Value::as_array)
@@ -116,34 +252,64 @@ impl ModelConfig {
             })
             .ok_or_else(|| Error::invalid("config.json names no `architectures` (or known `model_type`)"))?;
         let architecture = Architecture::from_hf_name(&arch_name)?;
-        let need = |key: &str| {
-            get_usize(&raw, key).ok_or_else(|| Error::invalid(format!("config.json lacks the integer field `{key}`")))
-        };
-        let hidden_size = need("hidden_size")?;
-        let num_attention_heads = need("num_attention_heads")?;
-        let num_hidden_layers = need("num_hidden_layers")?;
-        let intermediate_size = need("intermediate_size")?;
-        let vocab_size = need("vocab_size")?;
-        let num_key_value_heads = get_usize(&raw, "num_key_value_heads").unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        let mut cfg = Self::parse(&raw, architecture, origin)?;
+        // gen.config shows the value in force, as transformers' config object does.
+        if let (Some(obj), false) = (raw.as_object_mut(), cfg.raw_has_max_positions) {
+            obj.insert("max_position_embeddings".into(), Value::from(cfg.config.max_position_embeddings));
+        }
+        cfg.config.raw = raw;
+        Ok(cfg.config)
+    }
+
+    fn parse(raw: &Value, architecture: Architecture, origin: &Origin) -> Result<Parsed> {
+        use limits::*;
+        let f = Fields { raw, origin };
+        let hidden_size = f.need_uint("hidden_size", 1, MAX_HIDDEN, "Llama 3.1 405B has 16384")?;
+        let num_attention_heads = f.need_uint("num_attention_heads", 1, MAX_HEADS, "released models have at most 128")?;
+        let num_hidden_layers = f.need_uint("num_hidden_layers", 1, MAX_LAYERS, "Llama 3.1 405B has 126")?;
+        let intermediate_size = f.need_uint("intermediate_size", 1, MAX_INTERMEDIATE, "Llama 3.1 405B has 53248")?;
+        let vocab_size = f.need_uint("vocab_size", 1, MAX_VOCAB, "Gemma 3 has 262144")?;
+        let num_key_value_heads = f
+            .uint("num_key_value_heads", 1, num_attention_heads as u64, "at most num_attention_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::invalid(format!(
-                "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+                "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads}); {}",
+                origin.fix
             )));
         }
-        let head_dim = match raw.get("head_dim").and_then(Value::as_u64) {
-            Some(h) => h as usize,
-            None => hidden_size / num_attention_heads,
-        };
+        let head_dim = f
+            .uint("head_dim", 1, MAX_HEAD_DIM, "released models have at most 256")?
+            .unwrap_or(hidden_size / num_attention_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(Error::invalid(format!("head_dim {head_dim} must be even and positive")));
+            return Err(Error::invalid(format!(
+                "head_dim {head_dim} must be even and positive (RoPE rotates pairs); {}",
+                origin.fix
+            )));
         }
-        let (rope_theta, rope_scaling) = parse_rope(&raw)?;
+        let tie_word_embeddings = f.bool("tie_word_embeddings")?.unwrap_or(false);
+        check_sizes(
+            &Sizes {
+                hidden: hidden_size,
+                intermediate: intermediate_size,
+                layers: num_hidden_layers,
+                heads: num_attention_heads,
+                kv_heads: num_key_value_heads,
+                head_dim,
+                vocab: vocab_size,
+                tied: tie_word_embeddings,
+            },
+            origin,
+        )?;
+        let max_pos = f.uint("max_position_embeddings", 1, MAX_CONTEXT, "Llama 4 Scout has 10485760")?;
+        let (rope_theta, rope_scaling) = parse_rope(&f)?;
         let is_qwen2 = architecture == Architecture::Qwen2;
-        let attention_bias = get_bool(&raw, "attention_bias").unwrap_or(false);
-        let layer_windows = parse_windows(&raw, architecture, num_hidden_layers);
+        let attention_bias = f.bool("attention_bias")?.unwrap_or(false);
+        let layer_windows = parse_windows(&f, architecture, num_hidden_layers)?;
         let dtype_name =
             raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
-        Ok(ModelConfig {
+        let rms_norm_eps = f.float("rms_norm_eps", |x| x >= 0.0, "a finite number >= 0 (typically 1e-5 or 1e-6)")?;
+        let config = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size,
@@ -152,46 +318,62 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: get_f64(&raw, "rms_norm_eps").unwrap_or(1e-6),
+            rms_norm_eps: rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: get_usize(&raw, "max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: get_bool(&raw, "tie_word_embeddings").unwrap_or(false),
+            max_position_embeddings: max_pos.unwrap_or(architecture.default_max_position_embeddings()),
+            tie_word_embeddings,
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
-            mlp_bias: get_bool(&raw, "mlp_bias").unwrap_or(false),
+            mlp_bias: f.bool("mlp_bias")?.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
             layer_windows,
             dtype_name,
-            raw,
-        })
+            raw: Value::Null,
+        };
+        Ok(Parsed { config, raw_has_max_positions: max_pos.is_some() })
     }
+}
+
+/// A parsed config before `raw` is attached.
+struct Parsed {
+    config: ModelConfig,
+    raw_has_max_positions: bool,
 }
 
 /// Reads rope theta and scaling from either transformers 5.x `rope_parameters` or 4.x
 /// `rope_theta` + `rope_scaling`.
-fn parse_rope(raw: &Value) -> Result<(f64, RopeScaling)> {
+fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
+    let raw = f.raw;
     let params = raw.get("rope_parameters").filter(|v| v.is_object()).or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()));
-    let theta = params
-        .and_then(|p| get_f64(p, "rope_theta"))
-        .or_else(|| get_f64(raw, "rope_theta"))
-        .unwrap_or(10000.0);
+    let positive = |x: f64| x > 0.0;
+    let theta_rule = "a finite number > 0 (typically 10000 to 1e6)";
+    let theta = match params.map(|p| f.sub(p).float("rope_theta", positive, theta_rule)).transpose()?.flatten() {
+        Some(t) => t,
+        None => f.float("rope_theta", positive, theta_rule)?.unwrap_or(10000.0),
+    };
     let Some(p) = params else { return Ok((theta, RopeScaling::Default)) };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let p = f.sub(p);
+    let kind = p.raw.get("rope_type").or_else(|| p.raw.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let factor_rule = format!("a finite number in (0, {:e}] (released models use up to 64)", limits::MAX_ROPE_FACTOR);
     let factor = || {
-        get_f64(p, "factor").ok_or_else(|| Error::invalid(format!("rope scaling `{kind}` needs a numeric `factor`")))
+        p.float("factor", |x| x > 0.0 && x <= limits::MAX_ROPE_FACTOR, &factor_rule)?
+            .ok_or_else(|| Error::invalid(format!("rope scaling `{kind}` needs a numeric `factor`")))
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear { factor: factor()? },
         "dynamic" => RopeScaling::Dynamic { factor: factor()? },
         "llama3" => {
-            let field = |k: &str| get_f64(p, k).ok_or_else(|| Error::invalid(format!("llama3 rope scaling lacks `{k}`")));
+            let field = |k: &str, max: f64| {
+                p.float(k, |x| x > 0.0 && x <= max, &format!("a finite number in (0, {max:e}]"))?
+                    .ok_or_else(|| Error::invalid(format!("llama3 rope scaling lacks `{k}`")))
+            };
             RopeScaling::Llama3 {
                 factor: factor()?,
-                low_freq_factor: field("low_freq_factor")?,
-                high_freq_factor: field("high_freq_factor")?,
-                original_max_position_embeddings: field("original_max_position_embeddings")?,
+                low_freq_factor: field("low_freq_factor", limits::MAX_ROPE_FACTOR)?,
+                high_freq_factor: field("high_freq_factor", limits::MAX_ROPE_FACTOR)?,
+                original_max_position_embeddings: field("original_max_position_embeddings", limits::MAX_CONTEXT as f64)?,
             }
         }
         other => {
@@ -203,25 +385,163 @@ fn parse_rope(raw: &Value) -> Result<(f64, RopeScaling)> {
     Ok((theta, scaling))
 }
 
-fn parse_windows(raw: &Value, arch: Architecture, n_layers: usize) -> Vec<Option<usize>> {
-    let window = get_usize(raw, "sliding_window");
-    match arch {
-        Architecture::Mistral => vec![window; n_layers],
+/// Per-layer sliding windows; `n_layers` is already bounded, so the Vec is small.
+fn parse_windows(f: &Fields, arch: Architecture, n_layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = || f.uint("sliding_window", 1, limits::MAX_CONTEXT, "Mistral uses 4096");
+    Ok(match arch {
+        Architecture::Mistral => vec![window()?; n_layers],
         Architecture::Qwen2 | Architecture::Qwen3 => {
-            if !get_bool(raw, "use_sliding_window").unwrap_or(false) || window.is_none() {
-                return vec![None; n_layers];
+            let window = if f.bool("use_sliding_window")?.unwrap_or(false) { window()? } else { None };
+            if window.is_none() {
+                return Ok(vec![None; n_layers]);
             }
-            if let Some(types) = raw.get("layer_types").and_then(Value::as_array) {
-                return (0..n_layers)
+            if let Some(types) = f.raw.get("layer_types").and_then(Value::as_array) {
+                return Ok((0..n_layers)
                     .map(|i| match types.get(i).and_then(Value::as_str) {
                         Some("sliding_attention") => window,
                         _ => None,
                     })
-                    .collect();
+                    .collect());
             }
-            let max_window_layers = get_usize(raw, "max_window_layers").unwrap_or(n_layers);
+            // A threshold, not a size: any layer count is meaningful.
+            let max_window_layers =
+                f.uint("max_window_layers", 0, u32::MAX as u64, "a layer index")?.unwrap_or(n_layers);
             (0..n_layers).map(|i| if i >= max_window_layers { window } else { None }).collect()
         }
         Architecture::Llama => vec![None; n_layers],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "max_position_embeddings": 256,
+        })
+    }
+
+    fn with(key: &str, v: Value) -> Result<ModelConfig> {
+        let mut raw = base();
+        raw[key] = v;
+        ModelConfig::from_json(raw)
+    }
+
+    fn err(key: &str, v: Value) -> String {
+        match with(key, v.clone()) {
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("{key} = {v}: expected InvalidInput, got {:?}", other.map(|c| c.num_hidden_layers)),
+        }
+    }
+
+    #[test]
+    fn the_base_config_parses() {
+        let c = ModelConfig::from_json(base()).unwrap();
+        assert_eq!((c.num_hidden_layers, c.head_dim, c.layer_windows.len()), (2, 16, 2));
+    }
+
+    #[test]
+    fn bad_sizes_are_errors_naming_field_value_and_limit() {
+        for (key, v, limit) in [
+            ("num_hidden_layers", json!(1_000_000_000_000u64), "1..=1024"),
+            ("num_hidden_layers", json!(-1), "1..=1024"),
+            ("num_hidden_layers", json!(2.5), "1..=1024"),
+            ("num_hidden_layers", json!("abc"), "1..=1024"),
+            ("num_hidden_layers", json!(0), "1..=1024"),
+            ("hidden_size", json!(0), "1..=262144"),
+            ("hidden_size", json!(1u64 << 40), "1..=262144"),
+            ("intermediate_size", json!(u64::MAX), "1..=1048576"),
+            ("vocab_size", json!(1u64 << 30), "1..=16777216"),
+            ("vocab_size", json!(0), "1..=16777216"),
+            ("num_attention_heads", json!(0), "1..=4096"),
+            ("num_attention_heads", json!(1u64 << 33), "1..=4096"),
+            ("num_key_value_heads", json!(8), "1..=4"),
+            ("head_dim", json!(1u64 << 20), "1..=4096"),
+            ("max_position_embeddings", json!(1u64 << 40), "1..=16777216"),
+            ("max_position_embeddings", json!(0), "1..=16777216"),
+            ("rms_norm_eps", json!(-1.0), ">= 0"),
+            ("tie_word_embeddings", json!("yes"), "true or false"),
+        ] {
+            let m = err(key, v.clone());
+            assert!(m.contains(&format!("`{key}` = {v}")) && m.contains(limit) && m.contains("config.json"), "{m}");
+        }
+    }
+
+    #[test]
+    fn odd_head_dim_and_uneven_heads_are_errors() {
+        assert!(err("head_dim", json!(7)).contains("even"));
+        assert!(err("num_key_value_heads", json!(3)).contains("multiple"));
+    }
+
+    #[test]
+    fn implied_parameter_count_is_bounded() {
+        // Each value alone is within its limit; together they imply ~9e14 parameters.
+        let mut raw = base();
+        raw["hidden_size"] = json!(1 << 18);
+        raw["intermediate_size"] = json!(1 << 20);
+        raw["num_hidden_layers"] = json!(1024);
+        let m = match ModelConfig::from_json(raw) {
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("expected InvalidInput, got {:?}", other.is_ok()),
+        };
+        assert!(m.contains("parameters") && m.contains(&limits::MAX_PARAMETERS.to_string()), "{m}");
+    }
+
+    #[test]
+    fn bad_rope_and_window_values_are_errors() {
+        let m = err("rope_parameters", json!({"rope_type": "linear", "factor": -2.0, "rope_theta": 10000.0}));
+        assert!(m.contains("`factor` = -2.0"), "{m}");
+        let m = err("rope_parameters", json!({"rope_type": "default", "rope_theta": 0}));
+        assert!(m.contains("`rope_theta` = 0"), "{m}");
+        let m = err("rope_parameters", json!({"rope_type": "dynamic", "factor": 1e300}));
+        assert!(m.contains("factor"), "{m}");
+        let mut raw = base();
+        raw["architectures"] = json!(["MistralForCausalLM"]);
+        raw["sliding_window"] = json!(0);
+        assert!(matches!(ModelConfig::from_json(raw), Err(Error::InvalidInput(m)) if m.contains("`sliding_window` = 0")));
+    }
+
+    #[test]
+    fn null_means_absent() {
+        let c = with("head_dim", Value::Null).unwrap();
+        assert_eq!(c.head_dim, 16);
+        let mut raw = base();
+        raw["architectures"] = json!(["MistralForCausalLM"]);
+        raw["sliding_window"] = Value::Null;
+        assert_eq!(ModelConfig::from_json(raw).unwrap().layer_windows, vec![None, None]);
+    }
+
+    #[test]
+    fn missing_max_position_embeddings_takes_the_class_default() {
+        for (arch, want) in [
+            ("LlamaForCausalLM", 2048),
+            ("MistralForCausalLM", 131072),
+            ("Qwen2ForCausalLM", 32768),
+            ("Qwen3ForCausalLM", 32768),
+        ] {
+            let mut raw = base();
+            raw["architectures"] = json!([arch]);
+            raw.as_object_mut().map(|o| o.remove("max_position_embeddings"));
+            let c = ModelConfig::from_json(raw).unwrap();
+            assert_eq!(c.max_position_embeddings, want, "{arch}");
+            // gen.config shows the value in force.
+            assert_eq!(c.raw["max_position_embeddings"], want, "{arch}");
+        }
+        assert_eq!(ModelConfig::from_json(base()).unwrap().max_position_embeddings, 256);
+    }
+
+    #[test]
+    fn from_file_makes_bad_values_bad_model_file() {
+        let p = std::env::temp_dir().join(format!("kvgen-config-{}.json", std::process::id()));
+        let mut raw = base();
+        raw["num_hidden_layers"] = json!(1_000_000_000_000u64);
+        std::fs::write(&p, raw.to_string()).unwrap();
+        let e = ModelConfig::from_file(&p);
+        let _ = std::fs::remove_file(&p);
+        assert!(matches!(e, Err(Error::BadModelFile { ref message, .. }) if message.contains("1000000000000")));
     }
 }

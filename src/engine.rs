@@ -90,10 +90,8 @@ impl Engine {
         let source = GgufSource::open(path)?;
         let raw = source.config_json()?;
         let generation_config = crate::weights::gguf::generation_config_json(&raw);
-        let config = ModelConfig::from_json(raw).map_err(|e| match e {
-            Error::InvalidInput(m) => Error::bad_file(path, m),
-            other => other,
-        })?;
+        // Bounded before any weight or tokenizer buffer is sized from it.
+        let config = crate::weights::gguf::model_config(&source.file, raw)?;
         // "auto" keeps the quantized blocks and computes on them; an explicit dtype dequantizes.
         // Only the native kernels compute on blocks: the torch backend gets them dequantized.
         let quantized = dtype.is_none() && *target == Target::Native;

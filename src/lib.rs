@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod generation;
+pub mod mem;
 pub mod model;
 pub mod resolve;
 pub mod sampling;

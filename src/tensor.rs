@@ -7,6 +7,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
+use crate::mem::{self, AllocFailed};
 pub use crate::weights::gguf::quant::GgmlType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,23 +70,23 @@ pub enum Buf<T: Element> {
 }
 
 impl<T: Element> Buf<T> {
-    /// A view into `map` if the bytes are aligned for `T`, else an owned copy.
-    pub fn from_mmap(map: &Arc<Mmap>, offset: usize, n_bytes: usize) -> Self {
+    /// A view into `map` if the bytes are aligned for `T`, else an owned copy (which, being sized
+    /// by the file, is reserved fallibly). The caller has checked `offset + n_bytes` against the map.
+    pub fn from_mmap(map: &Arc<Mmap>, offset: usize, n_bytes: usize) -> Result<Self, AllocFailed> {
         let size = std::mem::size_of::<T>();
         let len = n_bytes / size;
         let ptr = map[offset..].as_ptr();
         if (ptr as usize) % std::mem::align_of::<T>() == 0 {
-            Buf::Mapped { map: Arc::clone(map), offset, len }
-        } else {
-            let bytes = &map[offset..offset + len * size];
-            let mut v: Vec<T> = Vec::with_capacity(len);
-            // SAFETY: T is plain old data; we copy exactly len * size bytes into the spare capacity.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, len * size);
-                v.set_len(len);
-            }
-            Buf::Owned(v)
+            return Ok(Buf::Mapped { map: Arc::clone(map), offset, len });
         }
+        let bytes = &map[offset..offset + len * size];
+        let mut v: Vec<T> = mem::try_with_capacity(len)?;
+        // SAFETY: T is plain old data; we copy exactly len * size bytes into the reserved capacity.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, len * size);
+            v.set_len(len);
+        }
+        Ok(Buf::Owned(v))
     }
 }
 
@@ -147,12 +148,13 @@ impl Data {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// All values as f32. Like `vec!`, aborts if memory runs out: for small tensors, tests and
+    /// test hooks; load paths use `try_to_f32_vec`.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
             Data::F32(b) => b.to_vec(),
             Data::BF16(b) => b.iter().map(|x| x.to_f32()).collect(),
             Data::F16(b) => b.iter().map(|x| x.to_f32()).collect(),
-            // Dequantizes everything: for vectors and tests, never for the matrices of a model.
             Data::Quant { kind, bytes } => {
                 let mut v = vec![0f32; self.len()];
                 crate::weights::gguf::quant::dequantize_into(*kind, bytes, &mut v);
@@ -160,19 +162,50 @@ impl Data {
             }
         }
     }
-    /// Converts to `dtype`; a no-op (no copy) when it already has it. Quantized data counts as
-    /// F32 (what it computes in), so it stays quantized for F32 and is dequantized otherwise.
-    pub fn into_dtype(self, dtype: DType) -> Data {
-        if self.dtype() == dtype {
-            return self;
-        }
-        let v = self.to_f32_vec();
-        match dtype {
-            DType::F32 => Data::F32(Buf::Owned(v)),
-            DType::BF16 => Data::BF16(Buf::Owned(v.into_iter().map(bf16::from_f32).collect())),
-            DType::F16 => Data::F16(Buf::Owned(v.into_iter().map(f16::from_f32).collect())),
+
+    /// All values as f32, in a buffer reserved fallibly.
+    pub fn try_to_f32_vec(&self) -> Result<Vec<f32>, AllocFailed> {
+        match self {
+            Data::F32(b) => convert(b, |x| x),
+            Data::BF16(b) => convert(b, |x| x.to_f32()),
+            Data::F16(b) => convert(b, |x| x.to_f32()),
+            // Dequantizes everything: for vectors and tests, never for the matrices of a model.
+            Data::Quant { kind, bytes } => {
+                let mut v = mem::try_zeroed::<f32>(self.len())?;
+                crate::weights::gguf::quant::dequantize_into(*kind, bytes, &mut v);
+                Ok(v)
+            }
         }
     }
+
+    /// Converts to `dtype`; a no-op (no copy) when it already has it. Quantized data counts as
+    /// F32 (what it computes in), so it stays quantized for F32 and is dequantized otherwise.
+    /// The new buffer is reserved fallibly (a model larger than RAM is an error, not an abort).
+    pub fn into_dtype(self, dtype: DType) -> Result<Data, AllocFailed> {
+        if self.dtype() == dtype {
+            return Ok(self);
+        }
+        // Direct element conversion: one new buffer, no f32 intermediate (except for blocks).
+        fn to<T: Element, D>(src: &[T], f: fn(f32) -> D) -> Result<Vec<D>, AllocFailed> {
+            convert(src, |x| f(x.to_f32()))
+        }
+        Ok(match (dtype, &self) {
+            (DType::F32, _) => Data::F32(Buf::Owned(self.try_to_f32_vec()?)),
+            (DType::BF16, Data::F16(b)) => Data::BF16(Buf::Owned(to(b, bf16::from_f32)?)),
+            (DType::F16, Data::BF16(b)) => Data::F16(Buf::Owned(to(b, f16::from_f32)?)),
+            (DType::BF16, Data::F32(b)) => Data::BF16(Buf::Owned(to(b, bf16::from_f32)?)),
+            (DType::F16, Data::F32(b)) => Data::F16(Buf::Owned(to(b, f16::from_f32)?)),
+            (DType::BF16, _) => Data::BF16(Buf::Owned(to(&self.try_to_f32_vec()?, bf16::from_f32)?)),
+            (DType::F16, _) => Data::F16(Buf::Owned(to(&self.try_to_f32_vec()?, f16::from_f32)?)),
+        })
+    }
+}
+
+/// `src` mapped through `f` into a buffer reserved fallibly.
+fn convert<S: Copy, D>(src: &[S], f: impl Fn(S) -> D) -> Result<Vec<D>, AllocFailed> {
+    let mut v = mem::try_with_capacity(src.len())?;
+    v.extend(src.iter().map(|&x| f(x)));
+    Ok(v)
 }
 
 /// A named tensor as read from a checkpoint.

@@ -69,7 +69,8 @@ impl LlamaModel {
         2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * self.cfg.head_dim * std::mem::size_of::<f32>()
     }
 
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
+    /// A cache for `capacity` positions; `Error::OutOfMemory` when it cannot be reserved.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, capacity)
     }
 

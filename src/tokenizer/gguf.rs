@@ -86,6 +86,34 @@ impl<'a> Meta<'a> {
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
+    /// Per-token numbers (`tokenizer.{k}`): an array as long as the token list, every item a number.
+    fn numbers<T>(&self, k: &str, n_tokens: usize, read: fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
+        let Some(v) = self.get(k) else {
+            return Ok(None);
+        };
+        let arr = v.as_array().ok_or_else(|| self.bad(format!("tokenizer.{k} is not an array")))?;
+        self.check_len(k, arr.len(), Some(n_tokens))?;
+        arr.iter()
+            .map(|x| read(x).ok_or_else(|| self.bad(format!("tokenizer.{k} holds {x:?}, not a number"))))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+    /// A tokenizer array's length: within the vocabulary bound and, when `want` is given, equal to
+    /// the token list's.
+    fn check_len(&self, k: &str, len: usize, want: Option<usize>) -> Result<()> {
+        let limit = crate::config::limits::MAX_VOCAB;
+        if len as u64 > limit {
+            return Err(self.bad(format!(
+                "tokenizer.{k} has {len} entries, above kvgen's vocabulary limit of {limit} (Gemma 3 has 262144); the file is corrupt"
+            )));
+        }
+        match want {
+            Some(n) if n != len => Err(self.bad(format!(
+                "tokenizer.{k} has {len} entries but tokenizer.ggml.tokens has {n}; they must match one to one (the file is corrupt)"
+            ))),
+            _ => Ok(()),
+        }
+    }
     fn id(&self, k: &str) -> Option<usize> {
         self.get(k).and_then(Value::as_u64).map(|v| v as usize)
     }
@@ -115,11 +143,12 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
     let tokens = m
         .strings("ggml.tokens")?
         .ok_or_else(|| m.bad("GGUF lacks tokenizer.ggml.tokens"))?;
-    let types: Vec<i64> = match m.get("ggml.token_type").and_then(Value::as_array) {
-        Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
-        None => Vec::new(),
-    };
+    m.check_len("ggml.tokens", tokens.len(), None)?;
+    let types: Vec<i64> = m.numbers("ggml.token_type", tokens.len(), Value::as_i64)?.unwrap_or_default();
     let merges_meta = m.strings("ggml.merges")?;
+    if let Some(mg) = &merges_meta {
+        m.check_len("ggml.merges", mg.len(), None)?;
+    }
     let pre = m.get("ggml.pre").and_then(Value::as_str);
 
     let mut config = Map::new();
@@ -192,11 +221,15 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
                 let merges = match split_merges(&m, merges_meta.as_deref())? {
                     Some(mg) => mg,
                     None => {
-                        let scores: Vec<f64> = match m.get("ggml.scores").and_then(Value::as_array) {
-                            Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-                            None => return Err(m.bad("sentencepiece GGUF has neither tokenizer.ggml.merges nor tokenizer.ggml.scores")),
-                        };
-                        generate_merges(&tokens, &scores)
+                        let scores = m.numbers("ggml.scores", tokens.len(), Value::as_f64)?.ok_or_else(|| {
+                            m.bad("sentencepiece GGUF has neither tokenizer.ggml.merges nor tokenizer.ggml.scores")
+                        })?;
+                        generate_merges(&tokens, &scores, MAX_GENERATED_MERGES).ok_or_else(|| {
+                            m.bad(format!(
+                                "the sentencepiece vocabulary yields more than {MAX_GENERATED_MERGES} merges (real ones: a few \
+                                 million at most); the file is corrupt"
+                            ))
+                        })?
                     }
                 };
                 let pre_tok = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
@@ -340,8 +373,12 @@ fn split_merges(m: &Meta, merges: Option<&[&str]>) -> Result<Option<Vec<(String,
 }
 
 /// transformers' `generate_merges(vocab, vocab_scores)`: every split of every token into two
-/// tokens, best score first (ties: shorter left, then shorter right, then file order).
-pub fn generate_merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+/// tokens, best score first (ties: shorter left, then shorter right, then file order). None when
+/// there would be more than `limit`.
+/// Sentencepiece merges generated from scores may not exceed this (each is ~40 bytes while sorted).
+const MAX_GENERATED_MERGES: usize = 1 << 26;
+
+pub fn generate_merges(tokens: &[&str], scores: &[f64], limit: usize) -> Option<Vec<(String, String)>> {
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
     let mut score: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
@@ -361,6 +398,9 @@ pub fn generate_merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)>
             .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
             .collect();
         local.sort_by_key(|(l, r)| (ids[l], ids[r]));
+        if merges.len() + local.len() > limit || merges.try_reserve(local.len()).is_err() {
+            return None;
+        }
         merges.extend(local.into_iter().map(|(l, r)| (l, r, s)));
     }
     // Python's sorted(..., reverse=True) is stable: equal keys keep their order.
@@ -372,10 +412,12 @@ pub fn generate_merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)>
             .then(kb.1.cmp(&ka.1))
             .then(kb.2.cmp(&ka.2))
     });
-    merges
-        .into_iter()
-        .map(|(l, r, _)| (l.to_string(), r.to_string()))
-        .collect()
+    Some(
+        merges
+            .into_iter()
+            .map(|(l, r, _)| (l.to_string(), r.to_string()))
+            .collect(),
+    )
 }
 
 impl Tokenizer {
@@ -410,7 +452,7 @@ mod tests {
     fn merges_from_scores() {
         let toks = ["a", "b", "ab", "c", "abc", "bc"];
         let scores = [0.0, 0.0, -1.0, 0.0, -3.0, -2.0];
-        let m = generate_merges(&toks, &scores);
+        let m = generate_merges(&toks, &scores, 100).unwrap_or_default();
         let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(
             pairs,

@@ -4,7 +4,7 @@ use super::TensorSource;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::llama::{LayerWeights, LlamaWeights};
-use crate::tensor::{DType, Matrix};
+use crate::tensor::{DType, Data, Matrix};
 
 struct Loader<'a> {
     src: &'a dyn TensorSource,
@@ -12,24 +12,45 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let t = self.src.get(name)?;
-        if t.shape != [rows, cols] {
-            return Err(Error::invalid(format!(
-                "tensor `{name}` has shape {:?}, but config.json implies [{rows}, {cols}]",
-                t.shape
-            )));
+    /// The stored shape must be what the config implies; checked before any data is read.
+    fn check_shape(&self, name: &str, want: &[usize]) -> Result<()> {
+        let shape = self.src.shape(name)?;
+        if shape != want {
+            return Err(Error::bad_file(
+                self.src.path_of(name),
+                format!(
+                    "tensor `{name}` has shape {shape:?}, but config.json implies {want:?}; the weights do not match \
+                     the config (a corrupt file, or config.json from another model)"
+                ),
+            ));
         }
-        Ok(Matrix { rows, cols, data: t.data.into_dtype(self.dtype) })
+        Ok(())
+    }
+
+    /// `data` in the load dtype; a copy that cannot be reserved is OutOfMemory naming the tensor.
+    fn convert(&self, name: &str, data: Data) -> Result<Data> {
+        data.into_dtype(self.dtype).map_err(|e| {
+            e.into_error(
+                &format!("tensor `{name}` in {}", self.dtype.name()),
+                "the model does not fit in memory: free memory, load it with a smaller dtype (dtype=\"bfloat16\") \
+                 or use a quantized GGUF file",
+            )
+        })
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.check_shape(name, &[rows, cols])?;
+        let t = self.src.get(name)?;
+        Ok(Matrix { rows, cols, data: self.convert(name, t.data)? })
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.check_shape(name, &[len])?;
         let t = self.src.get(name)?;
-        if t.shape != [len] {
-            return Err(Error::invalid(format!("tensor `{name}` has shape {:?}, expected [{len}]", t.shape)));
-        }
         // Rounded through the requested dtype, as transformers' `model.to(dtype)` rounds every parameter.
-        Ok(t.data.into_dtype(self.dtype).to_f32_vec())
+        self.convert(name, t.data)?
+            .try_to_f32_vec()
+            .map_err(|e| e.into_error(&format!("tensor `{name}` in float32"), "free memory"))
     }
 
     fn optional_vector(&self, name: &str, len: usize, present: bool) -> Result<Option<Vec<f32>>> {
@@ -51,6 +72,7 @@ pub fn load(
 ) -> Result<LlamaWeights> {
     let l = Loader { src, dtype };
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    // No overflow: ModelConfig bounds heads and head_dim (<= 4096 each) and the layer count.
     let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     let total = cfg.num_hidden_layers + 1;
@@ -87,7 +109,10 @@ pub fn load(
     } else if src.contains("lm_head.weight") {
         Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?)
     } else {
-        return Err(Error::invalid("checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false"));
+        return Err(Error::bad_file(
+            src.path_of("lm_head.weight"),
+            "checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false",
+        ));
     };
     let norm = l.vector("model.norm.weight", h)?;
     progress(total, total);

@@ -49,8 +49,12 @@ impl SafetensorsSource {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is opened read-only; kvgen never writes model files while they are mapped.
             let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| Error::bad_file(&path, format!("not a valid safetensors file: {e}")))?;
+            check_header_length(&path, &map)?;
+            // The crate checks the rest: offsets contiguous and inside the file, shape x dtype
+            // products without overflow and equal to each tensor's byte length.
+            let st = SafeTensors::deserialize(&map).map_err(|e| {
+                Error::bad_file(&path, format!("not a valid safetensors file: {e}; the file is corrupt or truncated, re-save or re-download it"))
+            })?;
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
@@ -82,6 +86,34 @@ impl SafetensorsSource {
     }
 }
 
+/// The crate's own limit on the JSON header (it reports only "header too large").
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The header length (the file's first 8 bytes) must fit the file and the crate's limit; checked
+/// here to name the numbers in the message.
+fn check_header_length(path: &Path, map: &[u8]) -> Result<()> {
+    let len = map.len() as u64;
+    let Some(first) = map.get(..8) else {
+        return Err(Error::bad_file(path, format!("not a safetensors file: {len} bytes, shorter than the 8-byte header length")));
+    };
+    let mut b = [0u8; 8];
+    b.copy_from_slice(first);
+    let n = u64::from_le_bytes(b);
+    if n > MAX_HEADER_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!("safetensors header length {n} is above the format's limit of {MAX_HEADER_BYTES} bytes; the file is corrupt or not safetensors"),
+        ));
+    }
+    if n > len - 8 {
+        return Err(Error::bad_file(
+            path,
+            format!("safetensors header length {n} runs past the end of the file ({len} bytes); the file is truncated or corrupt"),
+        ));
+    }
+    Ok(())
+}
+
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let json: serde_json::Value =
@@ -104,23 +136,37 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+impl SafetensorsSource {
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::bad_file(self.path_of(name), format!("checkpoint lacks tensor `{name}`")))
+    }
+}
+
 impl TensorSource for SafetensorsSource {
     fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
 
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.entry(name).map(|e| e.shape.clone())
+    }
+
     fn get(&self, name: &str) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| {
-            let path = self.maps.first().map(|(p, _)| p.clone()).unwrap_or_default();
-            Error::bad_file(path, format!("checkpoint lacks tensor `{name}`"))
-        })?;
-        let map = &self.maps[e.shard].1;
+        let e = self.entry(name)?;
+        let (path, map) = &self.maps[e.shard];
+        // Unaligned data is copied; that copy is reserved fallibly.
+        let oom = |f: crate::mem::AllocFailed| f.into_error(&format!("copying tensor `{name}` out of {}", path.display()), "free memory");
         let data = match e.dtype {
-            DType::F32 => Data::F32(Buf::from_mmap(map, e.offset, e.n_bytes)),
-            DType::BF16 => Data::BF16(Buf::from_mmap(map, e.offset, e.n_bytes)),
-            DType::F16 => Data::F16(Buf::from_mmap(map, e.offset, e.n_bytes)),
+            DType::F32 => Data::F32(Buf::from_mmap(map, e.offset, e.n_bytes).map_err(oom)?),
+            DType::BF16 => Data::BF16(Buf::from_mmap(map, e.offset, e.n_bytes).map_err(oom)?),
+            DType::F16 => Data::F16(Buf::from_mmap(map, e.offset, e.n_bytes).map_err(oom)?),
         };
         Ok(Tensor { shape: e.shape.clone(), data })
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        let shard = self.entries.get(name).map_or(0, |e| e.shard);
+        self.maps.get(shard).map(|(p, _)| p.clone()).unwrap_or_default()
     }
 
     fn dominant_dtype(&self) -> Option<DType> {

@@ -1,5 +1,8 @@
 //! A preallocated per-sequence KV cache: per layer, keys and values as [kv_head][position][head_dim].
 
+use crate::error::{Error, Result};
+use crate::mem;
+
 pub struct KvCache {
     n_kv_heads: usize,
     head_dim: usize,
@@ -12,17 +15,29 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
-        let layer_stride = n_kv_heads * capacity * head_dim;
-        KvCache {
-            n_kv_heads,
-            head_dim,
-            capacity,
-            layer_stride,
-            k: vec![0.0; n_layers * layer_stride],
-            v: vec![0.0; n_layers * layer_stride],
-            len: 0,
-        }
+    /// Reserves the cache (zeroed, committed as it is written). A size that overflows or that the
+    /// allocator refuses is `Error::OutOfMemory` naming the bytes, never an abort.
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self> {
+        let layer_stride = n_kv_heads.checked_mul(capacity).and_then(|x| x.checked_mul(head_dim));
+        let per_tensor = layer_stride.and_then(|s| s.checked_mul(n_layers));
+        let too_big = |bytes: Option<usize>| {
+            let need = match bytes {
+                Some(b) => mem::format_bytes(b),
+                None => "more bytes than this machine can address".to_string(),
+            };
+            Error::out_of_memory(format!(
+                "the KV cache for {capacity} positions needs {need}, which cannot be reserved; lower max_new_tokens / \
+                 the batch size / set_scheduler_limits(max_cache_tokens=...)"
+            ))
+        };
+        // Keys and values: two buffers of `per_tensor` f32 each.
+        let total_bytes = per_tensor.and_then(|n| n.checked_mul(2 * std::mem::size_of::<f32>()));
+        let (Some(layer_stride), Some(n)) = (layer_stride, per_tensor) else {
+            return Err(too_big(total_bytes));
+        };
+        let k = mem::try_zeroed::<f32>(n).map_err(|_| too_big(total_bytes))?;
+        let v = mem::try_zeroed::<f32>(n).map_err(|_| too_big(total_bytes))?;
+        Ok(KvCache { n_kv_heads, head_dim, capacity, layer_stride, k, v, len: 0 })
     }
 
     pub fn capacity(&self) -> usize {
@@ -55,5 +70,35 @@ impl KvCache {
 
     pub fn advance_to(&mut self, len: usize) {
         self.len = self.len.max(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_capacity_is_an_error_not_an_abort() {
+        for capacity in [1_000_000_000_000usize, usize::MAX / 2, usize::MAX] {
+            let err = KvCache::new(30, 3, 64, capacity).err().map(|e| (matches!(e, Error::OutOfMemory(_)), e.to_string()));
+            let (oom, msg) = err.unwrap_or_default();
+            assert!(oom, "capacity {capacity}: {msg}");
+            assert!(msg.contains(&format!("{capacity} positions")) && msg.contains("max_new_tokens"), "{msg}");
+        }
+        // A size that fits usize (2^51 bytes) but exceeds the 47-bit address space.
+        let msg = KvCache::new(1, 1, 2, 1 << 47).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("GiB"), "{msg}");
+    }
+
+    #[test]
+    fn small_cache_stores_and_reads_back() {
+        let mut c = KvCache::new(2, 2, 4, 8).unwrap();
+        let (k, v): (Vec<f32>, Vec<f32>) = ((0..8).map(|x| x as f32).collect(), vec![1.0; 8]);
+        c.write(1, 3, &k, &v);
+        let (kc, vc) = c.layer(1);
+        assert_eq!(&kc[3 * 4..4 * 4], &k[..4]);
+        assert_eq!(&kc[(8 + 3) * 4..(8 + 4) * 4], &k[4..]);
+        assert_eq!(vc.iter().sum::<f32>(), 8.0);
+        assert_eq!(c.layer(0).0.iter().sum::<f32>(), 0.0);
     }
 }

@@ -40,7 +40,8 @@ impl Backend for CpuBackend {
     }
 
     fn allocate(&self, capacity: usize) -> Result<SlotId> {
-        let cache = self.model.new_cache(capacity);
+        // Reserved before taking the lock; a cache that cannot be reserved is OutOfMemory.
+        let cache = self.model.new_cache(capacity)?;
         let mut slots = self.lock();
         if let Some(i) = slots.iter().position(|s| matches!(s, SlotState::Free)) {
             slots[i] = SlotState::Idle(cache);

@@ -96,16 +96,20 @@ impl GgufSource {
         let n = usize::try_from(t.n_elements()).map_err(|_| {
             Error::bad_file(&self.file.path, format!("tensor `{}` is too large", t.name))
         })?;
-        quant::dequantize(t.kind, self.file.tensor_bytes(t), n).ok_or_else(|| {
-            Error::bad_file(
+        if !quant::dequantize_len_ok(t.kind, self.file.tensor_bytes(t).len(), n) {
+            return Err(Error::bad_file(
                 &self.file.path,
-                format!(
-                    "tensor `{}`: size does not match its type {}",
-                    t.name,
-                    t.kind.name()
-                ),
+                format!("tensor `{}`: size does not match its type {}", t.name, t.kind.name()),
+            ));
+        }
+        let mut out = crate::mem::try_zeroed::<f32>(n).map_err(|e| {
+            e.into_error(
+                &format!("tensor `{}` dequantized to float32", t.name),
+                "the model does not fit in memory dequantized: load it with dtype=\"auto\" (keeps the quantized blocks) or free memory",
             )
-        })
+        })?;
+        quant::dequantize_into(t.kind, self.file.tensor_bytes(t), &mut out);
+        Ok(out)
     }
 
     /// An HF-style config.json for this file (see `config_json`).
@@ -114,24 +118,35 @@ impl GgufSource {
     }
 }
 
+impl GgufSource {
+    /// The GGUF tensor behind an HF name, and how llama.cpp permuted its rows.
+    fn info(&self, name: &str) -> Result<(&TensorInfo, Permuted)> {
+        let (g, perm) = names::gguf_name(name).ok_or_else(|| {
+            Error::bad_file(&self.file.path, format!("no GGUF tensor corresponds to `{name}`"))
+        })?;
+        let t = self.file.tensor(&g).ok_or_else(|| {
+            Error::bad_file(&self.file.path, format!("GGUF file lacks tensor `{g}` (for `{name}`)"))
+        })?;
+        Ok((t, perm))
+    }
+}
+
 impl TensorSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
         names::gguf_name(name).is_some_and(|(g, _)| self.file.tensor(&g).is_some())
     }
 
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.info(name).map(|(t, _)| t.shape())
+    }
+
+    fn path_of(&self, _name: &str) -> std::path::PathBuf {
+        self.file.path.clone()
+    }
+
     fn get(&self, name: &str) -> Result<Tensor> {
-        let (g, perm) = names::gguf_name(name).ok_or_else(|| {
-            Error::bad_file(
-                &self.file.path,
-                format!("no GGUF tensor corresponds to `{name}`"),
-            )
-        })?;
-        let t = self.file.tensor(&g).ok_or_else(|| {
-            Error::bad_file(
-                &self.file.path,
-                format!("GGUF file lacks tensor `{g}` (for `{name}`)"),
-            )
-        })?;
+        let (t, perm) = self.info(name)?;
+        let g = &t.name;
         let shape = t.shape();
         if self.keep_quantized && shape.len() == 2 && crate::tensor::quant_kernel_supports(t.kind) {
             return self.get_quantized(t, shape, perm);
@@ -141,12 +156,16 @@ impl TensorSource for GgufSource {
             let n_head = if perm == Permuted::Query { heads } else { kv };
             let rows = shape.first().copied().unwrap_or(0);
             let cols = v.len().checked_div(rows).unwrap_or(0);
-            v = names::reverse_permute(&v, rows, cols, n_head).ok_or_else(|| {
+            let mut out = crate::mem::try_zeroed::<f32>(v.len()).map_err(|e| {
+                e.into_error(&format!("un-permuting tensor `{g}`"), "free memory")
+            })?;
+            names::reverse_permute_into(&v, rows, cols, n_head, &mut out).ok_or_else(|| {
                 Error::bad_file(
                     &self.file.path,
                     format!("tensor `{g}` has {rows} rows, not a multiple of 2 x {n_head} heads"),
                 )
             })?;
+            v = out;
         }
         Ok(Tensor {
             shape,
@@ -168,17 +187,18 @@ impl GgufSource {
         let bs = t.kind.block_size();
         let rb = (bs != 0 && cols % bs == 0)
             .then(|| cols / bs * t.kind.type_size())
-            .filter(|&rb| rb * rows == t.n_bytes)
+            .filter(|&rb| rb.checked_mul(rows) == Some(t.n_bytes))
             .ok_or_else(|| Error::bad_file(&self.file.path, format!("tensor `{}`: size does not match its type {}", t.name, t.kind.name())))?;
         let bytes = match (self.permute_heads, perm) {
             (Some((heads, kv)), Permuted::Query | Permuted::Key) => {
                 let n_head = if perm == Permuted::Query { heads } else { kv };
-                if n_head == 0 || rows % (2 * n_head) != 0 {
+                if !n_head.checked_mul(2).is_some_and(|h2| h2 != 0 && rows % h2 == 0) {
                     return Err(Error::bad_file(&self.file.path, format!("tensor `{}` has {rows} rows, not a multiple of 2 x {n_head} heads", t.name)));
                 }
                 let src = self.file.tensor_bytes(t);
                 let dim = rows / n_head / 2;
-                let mut out = vec![0u8; src.len()];
+                let mut out = crate::mem::try_zeroed::<u8>(src.len())
+                    .map_err(|e| e.into_error(&format!("un-permuting tensor `{}`", t.name), "free memory"))?;
                 for h in 0..n_head {
                     for a in 0..2 {
                         for b in 0..dim {
@@ -190,7 +210,8 @@ impl GgufSource {
                 }
                 Buf::Owned(out)
             }
-            _ => Buf::from_mmap(self.file.mmap(), t.offset, t.n_bytes),
+            _ => Buf::from_mmap(self.file.mmap(), t.offset, t.n_bytes)
+                .map_err(|e| e.into_error(&format!("copying tensor `{}`", t.name), "free memory"))?,
         };
         Ok(Tensor { shape, data: Data::Quant { kind: t.kind, bytes } })
     }
@@ -211,8 +232,21 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
         });
     };
     let key = |k: &str| file.get(&format!("{arch}.{k}"));
+    // Present but not a non-negative integer is an error, not "absent"; sizes are bounded
+    // afterwards by ModelConfig (whose messages name these keys, see `config_origin`).
+    let uint = |k: &str| -> Result<Option<u64>> {
+        match key(k) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                Error::bad_file(
+                    &file.path,
+                    format!("GGUF metadata `{arch}.{k}` = {v:?} is not a non-negative integer; the file is corrupt, re-convert the model"),
+                )
+            }),
+        }
+    };
     let need = |k: &str| {
-        key(k).and_then(Value::as_u64).ok_or_else(|| {
+        uint(k)?.ok_or_else(|| {
             Error::bad_file(
                 &file.path,
                 format!("GGUF metadata lacks the integer `{arch}.{k}`"),
@@ -233,24 +267,18 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
     c.insert("num_attention_heads".into(), json!(heads));
     c.insert(
         "num_key_value_heads".into(),
-        json!(key("attention.head_count_kv")
-            .and_then(Value::as_u64)
-            .unwrap_or(heads)),
+        json!(uint("attention.head_count_kv")?.unwrap_or(heads)),
     );
     // key_length is the head width when stated; llama files state it as the rope width.
-    let head_dim = key("attention.key_length")
-        .or_else(|| {
-            if arch == "llama" || arch == "mistral" {
-                key("rope.dimension_count")
-            } else {
-                None
-            }
-        })
-        .and_then(Value::as_u64);
+    let head_dim = match uint("attention.key_length")? {
+        Some(hd) => Some(hd),
+        None if arch == "llama" || arch == "mistral" => uint("rope.dimension_count")?,
+        None => None,
+    };
     if let Some(hd) = head_dim {
         c.insert("head_dim".into(), json!(hd));
     }
-    if let Some(ctx) = key("context_length").and_then(Value::as_u64) {
+    if let Some(ctx) = uint("context_length")? {
         c.insert("max_position_embeddings".into(), json!(ctx));
     }
     if let Some(eps) = key("attention.layer_norm_rms_epsilon") {
@@ -277,8 +305,7 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
         }
     }
     c.insert("rope_parameters".into(), Json::Object(rope));
-    let vocab = key("vocab_size")
-        .and_then(Value::as_u64)
+    let vocab = uint("vocab_size")?
         .or_else(|| {
             file.get("tokenizer.ggml.tokens")
                 .and_then(Value::as_array)
@@ -310,7 +337,7 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
             json!(file.tensor("blk.0.ffn_up.bias").is_some()),
         );
     }
-    if let Some(w) = key("attention.sliding_window").and_then(Value::as_u64) {
+    if let Some(w) = uint("attention.sliding_window")? {
         c.insert("sliding_window".into(), json!(w));
     }
     for (gguf, hf) in [
@@ -331,6 +358,44 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
         c.insert("_model_name_or_path".into(), json!(name));
     }
     Ok(Json::Object(c))
+}
+
+/// The GGUF key each config.json field is built from in `config_json` (for error messages).
+fn gguf_key_of(arch: &str, field: &str) -> Option<String> {
+    let k = match field {
+        "hidden_size" => "embedding_length",
+        "intermediate_size" => "feed_forward_length",
+        "num_hidden_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_key_value_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "max_position_embeddings" => "context_length",
+        "vocab_size" => return Some(format!("{arch}.vocab_size or the length of tokenizer.ggml.tokens")),
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "factor" => "rope.scaling.factor",
+        "original_max_position_embeddings" => "rope.scaling.original_context_length",
+        "sliding_window" => "attention.sliding_window",
+        _ => return None,
+    };
+    Some(format!("{arch}.{k}"))
+}
+
+/// `ModelConfig::from_json_with` for the config built from `file`: messages name the GGUF keys.
+pub fn model_config(file: &GgufFile, raw: Json) -> Result<crate::config::ModelConfig> {
+    let arch = file.architecture()?.to_string();
+    let field = |f: &str| match gguf_key_of(&arch, f) {
+        Some(k) => format!("`{f}` (GGUF metadata `{k}`)"),
+        None => format!("`{f}`"),
+    };
+    let origin = crate::config::Origin {
+        field: &field,
+        fix: "the GGUF file is corrupt or was written by a broken converter; re-convert the model",
+    };
+    crate::config::ModelConfig::from_json_with(raw, &origin).map_err(|e| match e {
+        Error::InvalidInput(m) => Error::bad_file(&file.path, m),
+        other => other,
+    })
 }
 
 /// generation_config.json equivalent: transformers' `GenerationConfig.from_model_config` keeps

@@ -292,13 +292,14 @@ pub fn dequantize_into(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Dequantizes into a new vector; None when the type is not supported or the sizes disagree.
-pub fn dequantize(kind: GgmlType, bytes: &[u8], n_elements: usize) -> Option<Vec<f32>> {
+/// Whether `n_bytes` bytes of `kind` hold exactly `n_elements` values that `dequantize` reads.
+pub fn dequantize_len_ok(kind: GgmlType, n_bytes: usize, n_elements: usize) -> bool {
     let (bs, ts) = (kind.block_size(), kind.type_size());
-    if !kind.can_dequantize()
-        || bs == 0
-        || n_elements % bs != 0
-        || bytes.len() != n_elements / bs * ts
-    {
+    kind.can_dequantize() && bs != 0 && n_elements % bs == 0 && (n_elements / bs).checked_mul(ts) == Some(n_bytes)
+}
+
+pub fn dequantize(kind: GgmlType, bytes: &[u8], n_elements: usize) -> Option<Vec<f32>> {
+    if !dequantize_len_ok(kind, bytes.len(), n_elements) {
         return None;
     }
     let mut out = vec![0f32; n_elements];

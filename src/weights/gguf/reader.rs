@@ -140,9 +140,36 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Bytes of memory the parsed header may still take (see `MAX_HEADER_MEMORY`).
+    budget: usize,
 }
 
 const MAX_DIMS: u32 = 4;
+/// Real files hold one or two thousand tensors (Llama 3.1 405B: ~1.1k).
+const MAX_TENSORS: usize = 1 << 20;
+/// Real files hold about 20 to 60 metadata keys.
+const MAX_KV: usize = 1 << 20;
+/// Arrays of arrays of arrays at most (tokenizer data is flat).
+const MAX_NESTING: usize = 3;
+/// Memory the parsed metadata and tensor infos may expand to. A `Value` takes 32 bytes however
+/// small its item is on disk (a u8 array grows 32x), so the file size alone does not bound it.
+/// Real files need tens of MB (Gemma 3: 262k tokens with scores and types, ~30 MB).
+const MAX_HEADER_MEMORY: usize = 1 << 30;
+
+/// The fewest bytes one array item of GGUF type `ty` takes in the file, or None for an unknown type.
+fn min_item_bytes(ty: u32) -> Option<usize> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        10..=12 => 8,
+        // A string is a u64 length, then the bytes.
+        8 => 8,
+        // A nested array is a u32 item type and a u64 count, then the items.
+        9 => 12,
+        _ => return None,
+    })
+}
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: &str) -> Error {
@@ -182,19 +209,43 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self, what: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.arr(what)?))
     }
-    /// A count that must be backed by at least `min_each` bytes per item (stops absurd allocations).
+    /// A count whose items take at least `min_each` bytes each in what is left of the file: a
+    /// count the file cannot hold is corrupt, whatever memory it would need.
     fn count(&mut self, what: &str, min_each: usize) -> Result<usize> {
         let n = self.u64(what)?;
         let left = (self.buf.len() - self.pos) as u64;
-        if n.saturating_mul(min_each.max(1) as u64) > left && min_each > 0 {
+        if n.saturating_mul(min_each.max(1) as u64) > left {
             return Err(self.err(&format!(
-                "{what} = {n} exceeds what the remaining {left} bytes can hold"
+                "{what} = {n} items of at least {min_each} bytes each exceeds the remaining {left} bytes of the file"
             )));
         }
         usize::try_from(n).map_err(|_| self.err(&format!("{what} = {n} is too large")))
     }
+    /// Accounts `bytes` of parsed-header memory against `MAX_HEADER_MEMORY`.
+    fn charge(&mut self, bytes: usize, what: &str) -> Result<()> {
+        match self.budget.checked_sub(bytes) {
+            Some(rest) => {
+                self.budget = rest;
+                Ok(())
+            }
+            None => Err(Error::bad_file(
+                self.path,
+                format!(
+                    "GGUF header expands past kvgen's limit of {} in memory at {what} (real files need tens of MB); \
+                     the file is corrupt or its metadata is not something kvgen reads",
+                    crate::mem::format_bytes(MAX_HEADER_MEMORY)
+                ),
+            )),
+        }
+    }
+    /// A Vec for `n` parsed items, charged and reserved fallibly.
+    fn items<T>(&mut self, n: usize, what: &str) -> Result<Vec<T>> {
+        self.charge(n.saturating_mul(std::mem::size_of::<T>()), what)?;
+        crate::mem::try_with_capacity(n).map_err(|e| e.into_error(&format!("GGUF {what}"), "free memory"))
+    }
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.count(what, 1)?;
+        self.charge(n, what)?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| self.err(&format!("{what} is not valid UTF-8")))
@@ -214,46 +265,66 @@ impl<'a> Cursor<'a> {
                 b => return Err(self.err(&format!("{what}: bool byte {b}"))),
             },
             8 => Value::String(self.string(what)?),
-            9 => {
-                if depth > 2 {
-                    return Err(self.err(&format!("{what}: arrays nested too deeply")));
-                }
-                let inner = self.u32(what)?;
-                let min_each = match inner {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    8..=12 => 8,
-                    t => return Err(self.err(&format!("{what}: unknown array element type {t}"))),
-                };
-                let n = self.count(what, min_each)?;
-                let mut v = Vec::with_capacity(n);
-                for _ in 0..n {
-                    v.push(self.value(inner, what, depth + 1)?);
-                }
-                Value::Array(v)
-            }
+            9 => self.array(what, depth)?,
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(i64::from_le_bytes(self.arr(what)?)),
             12 => Value::F64(f64::from_le_bytes(self.arr(what)?)),
             t => return Err(self.err(&format!("{what}: unknown value type {t}"))),
         })
     }
+    fn array(&mut self, what: &str, depth: usize) -> Result<Value> {
+        if depth >= MAX_NESTING {
+            return Err(self.err(&format!("{what}: arrays nested more than {MAX_NESTING} deep")));
+        }
+        let inner = self.u32(what)?;
+        let min_each = min_item_bytes(inner)
+            .ok_or_else(|| self.err(&format!("{what}: unknown array element type {inner}")))?;
+        let n = self.count(what, min_each)?;
+        let mut v = self.items(n, what)?;
+        for _ in 0..n {
+            v.push(self.value(inner, what, depth + 1)?);
+        }
+        Ok(Value::Array(v))
+    }
+    /// tensor_count / metadata_kv_count: backed by the file and under `limit`.
+    fn top_count(&mut self, what: &str, min_each: usize, limit: usize, real: &str) -> Result<usize> {
+        let at = self.pos;
+        let n = self.count(what, min_each)?;
+        if n > limit {
+            self.pos = at;
+            return Err(self.err(&format!("{what} = {n} is above kvgen's limit of {limit} ({real}); the file is corrupt")));
+        }
+        Ok(n)
+    }
+}
+
+/// A tensor's header entry as read, before its bytes are located.
+struct RawTensor {
+    name: String,
+    dims: Vec<u64>,
+    kind: u32,
+    rel: u64,
 }
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
+        Self::open_with_budget(path, MAX_HEADER_MEMORY)
+    }
+
+    /// `open` with `budget` bytes for the parsed header (tests use a small one).
+    pub(crate) fn open_with_budget(path: &Path, budget: usize) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only map; kvgen never writes model files while they are mapped.
         let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-        Self::parse(path, map)
+        Self::parse(path, map, budget)
     }
 
-    fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
+    fn parse(path: &Path, map: Arc<Mmap>, budget: usize) -> Result<GgufFile> {
         let mut c = Cursor {
             buf: &map[..],
             pos: 0,
             path,
+            budget,
         };
         let magic = c.arr::<4>("magic")?;
         if &magic != b"GGUF" {
@@ -270,22 +341,9 @@ impl GgufFile {
             ));
         }
         // Each tensor info is at least 8+4+8+4+8 bytes; each key/value at least 8+4+1.
-        let n_tensors = c.count("tensor_count", 32)?;
-        let n_kv = c.count("metadata_kv_count", 13)?;
-        let mut metadata = HashMap::with_capacity(n_kv);
-        let mut keys = Vec::with_capacity(n_kv);
-        for i in 0..n_kv {
-            let key = c.string(&format!("metadata key #{i}"))?;
-            let ty = c.u32(&format!("type of `{key}`"))?;
-            let v = c.value(ty, &format!("value of `{key}`"), 0)?;
-            if metadata.insert(key.clone(), v).is_some() {
-                return Err(Error::bad_file(
-                    path,
-                    format!("duplicate metadata key `{key}`"),
-                ));
-            }
-            keys.push(key);
-        }
+        let n_tensors = c.top_count("tensor_count", 32, MAX_TENSORS, "real files have a few thousand at most")?;
+        let n_kv = c.top_count("metadata_kv_count", 13, MAX_KV, "real files have under a hundred")?;
+        let (metadata, keys) = Self::read_metadata(&mut c, n_kv)?;
         let alignment = match metadata.get("general.alignment") {
             None => 32,
             Some(v) => match v.as_u64() {
@@ -293,89 +351,24 @@ impl GgufFile {
                 _ => {
                     return Err(Error::bad_file(
                         path,
-                        format!("general.alignment {v:?} is not a power of two"),
+                        format!("general.alignment {v:?} is not a power of two in 1..=1048576"),
                     ))
                 }
             },
         };
-        struct Raw {
-            name: String,
-            dims: Vec<u64>,
-            kind: u32,
-            rel: u64,
-        }
-        let mut raws = Vec::with_capacity(n_tensors);
-        for i in 0..n_tensors {
-            let name = c.string(&format!("name of tensor #{i}"))?;
-            let nd = c.u32(&format!("n_dims of `{name}`"))?;
-            if nd == 0 || nd > MAX_DIMS {
-                return Err(Error::bad_file(
-                    path,
-                    format!("tensor `{name}` has {nd} dimensions (1..={MAX_DIMS} allowed)"),
-                ));
-            }
-            let mut dims = Vec::with_capacity(nd as usize);
-            for _ in 0..nd {
-                dims.push(c.u64(&format!("dims of `{name}`"))?);
-            }
-            let kind = c.u32(&format!("type of `{name}`"))?;
-            let rel = c.u64(&format!("offset of `{name}`"))?;
-            raws.push(Raw {
-                name,
-                dims,
-                kind,
-                rel,
-            });
-        }
+        let raws = Self::read_tensor_infos(&mut c, n_tensors)?;
         let data_start = c.pos.div_ceil(alignment) * alignment;
-        let file_len = map.len();
-        let mut tensors = Vec::with_capacity(n_tensors);
-        let mut index = HashMap::with_capacity(n_tensors);
+        let mut tensors = c.items(n_tensors, "tensor infos")?;
+        let mut index = HashMap::new();
+        index
+            .try_reserve(n_tensors)
+            .map_err(|_| Error::out_of_memory(format!("GGUF tensor index of {n_tensors} entries cannot be reserved; free memory")))?;
         for r in raws {
-            let kind = GgmlType::from_u32(r.kind);
-            let n_elem = r.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let n_bytes = n_elem.and_then(|n| kind.bytes_for(&r.dims, n));
-            let Some(n_bytes) = n_bytes else {
-                return Err(Error::bad_file(
-                    path,
-                    format!(
-                        "tensor `{}` of type {} has dims {:?}: the row length must be a multiple of the block size {}",
-                        r.name,
-                        kind.name(),
-                        r.dims,
-                        kind.block_size()
-                    ),
-                ));
-            };
-            if r.rel % alignment as u64 != 0 {
-                return Err(Error::bad_file(
-                    path,
-                    format!(
-                        "tensor `{}` offset {} is not {alignment}-aligned",
-                        r.name, r.rel
-                    ),
-                ));
+            let t = locate(path, r, data_start, alignment, map.len())?;
+            if index.insert(t.name.clone(), tensors.len()).is_some() {
+                return Err(Error::bad_file(path, format!("duplicate tensor `{}`", t.name)));
             }
-            let offset = (data_start as u64).checked_add(r.rel);
-            let end = offset.and_then(|o| o.checked_add(n_bytes));
-            match (offset, end) {
-                (Some(o), Some(e)) if e <= file_len as u64 => {
-                    let t = TensorInfo { name: r.name.clone(), dims: r.dims, kind, offset: o as usize, n_bytes: n_bytes as usize };
-                    if index.insert(r.name.clone(), tensors.len()).is_some() {
-                        return Err(Error::bad_file(path, format!("duplicate tensor `{}`", r.name)));
-                    }
-                    tensors.push(t);
-                }
-                _ => {
-                    return Err(Error::bad_file(
-                        path,
-                        format!(
-                            "truncated GGUF: tensor `{}` ({} bytes at data offset {}) runs past the end of the file ({file_len} bytes)",
-                            r.name, n_bytes, r.rel
-                        ),
-                    ))
-                }
-            }
+            tensors.push(t);
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -389,6 +382,50 @@ impl GgufFile {
         })
     }
 
+    fn read_metadata(c: &mut Cursor, n_kv: usize) -> Result<(HashMap<String, Value>, Vec<String>)> {
+        let mut keys = c.items(n_kv, "metadata keys")?;
+        // A map entry: key, value and hashing overhead.
+        c.charge(n_kv.saturating_mul(2 * std::mem::size_of::<(String, Value)>()), "metadata entries")?;
+        let mut metadata = HashMap::new();
+        metadata
+            .try_reserve(n_kv)
+            .map_err(|_| Error::out_of_memory(format!("GGUF metadata map of {n_kv} entries cannot be reserved; free memory")))?;
+        for i in 0..n_kv {
+            let key = c.string(&format!("metadata key #{i}"))?;
+            c.charge(key.len(), "metadata keys")?;
+            let ty = c.u32(&format!("type of `{key}`"))?;
+            let v = c.value(ty, &format!("value of `{key}`"), 0)?;
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(Error::bad_file(c.path, format!("duplicate metadata key `{key}`")));
+            }
+            keys.push(key);
+        }
+        Ok((metadata, keys))
+    }
+
+    fn read_tensor_infos(c: &mut Cursor, n_tensors: usize) -> Result<Vec<RawTensor>> {
+        let mut raws = c.items(n_tensors, "tensor infos")?;
+        for i in 0..n_tensors {
+            let name = c.string(&format!("name of tensor #{i}"))?;
+            // Kept twice after parsing: in the TensorInfo and as the index key.
+            c.charge(2 * name.len(), "tensor names")?;
+            let nd = c.u32(&format!("n_dims of `{name}`"))?;
+            if nd == 0 || nd > MAX_DIMS {
+                return Err(Error::bad_file(
+                    c.path,
+                    format!("tensor `{name}` has {nd} dimensions (1..={MAX_DIMS} allowed)"),
+                ));
+            }
+            let mut dims = Vec::with_capacity(MAX_DIMS as usize);
+            for _ in 0..nd {
+                dims.push(c.u64(&format!("dims of `{name}`"))?);
+            }
+            let kind = c.u32(&format!("type of `{name}`"))?;
+            let rel = c.u64(&format!("offset of `{name}`"))?;
+            raws.push(RawTensor { name, dims, kind, rel });
+        }
+        Ok(raws)
+    }
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
@@ -410,5 +447,46 @@ impl GgufFile {
             .ok_or_else(|| {
                 Error::bad_file(&self.path, "GGUF metadata lacks `general.architecture`")
             })
+    }
+}
+
+/// Checks one tensor's element count, byte size and offset against the file, giving its location.
+fn locate(path: &Path, r: RawTensor, data_start: usize, alignment: usize, file_len: usize) -> Result<TensorInfo> {
+    let kind = GgmlType::from_u32(r.kind);
+    let Some(n_elem) = r.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)) else {
+        return Err(Error::bad_file(
+            path,
+            format!("tensor `{}` has dims {:?}, whose element count overflows 64 bits; the file is corrupt", r.name, r.dims),
+        ));
+    };
+    let Some(n_bytes) = kind.bytes_for(&r.dims, n_elem) else {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "tensor `{}` of type {} has dims {:?}: the row length must be a multiple of the block size {}",
+                r.name,
+                kind.name(),
+                r.dims,
+                kind.block_size()
+            ),
+        ));
+    };
+    if r.rel % alignment as u64 != 0 {
+        return Err(Error::bad_file(path, format!("tensor `{}` offset {} is not {alignment}-aligned", r.name, r.rel)));
+    }
+    let offset = (data_start as u64).checked_add(r.rel);
+    let end = offset.and_then(|o| o.checked_add(n_bytes));
+    match (offset, end) {
+        // Both fit usize: end <= file_len.
+        (Some(o), Some(e)) if e <= file_len as u64 => {
+            Ok(TensorInfo { name: r.name, dims: r.dims, kind, offset: o as usize, n_bytes: n_bytes as usize })
+        }
+        _ => Err(Error::bad_file(
+            path,
+            format!(
+                "truncated GGUF: tensor `{}` ({} bytes at data offset {}, dims {:?}) runs past the end of the file ({file_len} bytes)",
+                r.name, n_bytes, r.rel, r.dims
+            ),
+        )),
     }
 }

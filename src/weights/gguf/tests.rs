@@ -70,9 +70,16 @@ fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     p
 }
 
+type Kv = Vec<(&'static str, u32, Vec<u8>)>;
+
 /// A 2-layer llama file, hidden 8, 2 heads of 4, 1 kv head, ffn 16, vocab 5, all F32.
 fn tiny_llama() -> (Vec<u8>, Vec<f32>) {
-    let kv = vec![
+    tiny_llama_with(|_| {})
+}
+
+/// `tiny_llama` with its metadata edited first (see `set`).
+fn tiny_llama_with(edit: impl FnOnce(&mut Kv)) -> (Vec<u8>, Vec<f32>) {
+    let mut kv: Kv = vec![
         ("general.architecture", 8, s("llama")),
         ("general.name", 8, s("tiny")),
         ("llama.block_count", 4, u32v(2)),
@@ -92,6 +99,7 @@ fn tiny_llama() -> (Vec<u8>, Vec<f32>) {
         ("tokenizer.ggml.merges", 9, str_array(&["a b", "\u{120} a"])),
         ("tokenizer.ggml.eos_token_id", 4, u32v(3)),
     ];
+    edit(&mut kv);
     let q: Vec<f32> = (0..64).map(|x| x as f32).collect();
     let mut tensors = vec![("token_embd.weight", vec![8, 6], 0u32, f32_bytes(&[0.5; 48]))];
     let names: Vec<String> = (0..2)
@@ -251,4 +259,196 @@ fn dequantizes_q8_0_and_q4_1_blocks() {
     let y = quant::dequantize(GgmlType::Q4_1, &b, 32).unwrap();
     assert_eq!((y[0], y[1], y[16], y[31]), (-1.0, 1.0, 29.0, -1.0));
     assert!(quant::dequantize(GgmlType::Q4_1, &b[..10], 32).is_none());
+}
+
+// ------------------------------------------------------------------ malformed headers and metadata
+
+/// Replaces (or adds) one metadata entry.
+fn set(kv: &mut Kv, key: &'static str, ty: u32, payload: Vec<u8>) {
+    kv.retain(|(k, _, _)| *k != key);
+    kv.push((key, ty, payload));
+}
+fn u64v(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+/// An array header: element type, then count (the items follow, or do not).
+fn array_head(ty: u32, n: u64) -> Vec<u8> {
+    let mut b = ty.to_le_bytes().to_vec();
+    b.extend_from_slice(&n.to_le_bytes());
+    b
+}
+
+/// The BadModelFile message of opening `bytes` (with the given header budget), or a panic
+/// saying what happened instead.
+fn open_err(name: &str, bytes: &[u8], budget: usize) -> String {
+    let p = tmp(name, bytes);
+    let r = GgufFile::open_with_budget(&p, budget);
+    let _ = std::fs::remove_file(&p);
+    match r {
+        Err(Error::BadModelFile { message, .. }) => message,
+        Err(other) => panic!("{name}: expected BadModelFile, got {other:?}"),
+        Ok(_) => panic!("{name}: parsed"),
+    }
+}
+
+const BIG: usize = 1 << 30;
+
+#[test]
+fn huge_counts_and_lengths_are_errors() {
+    let meta = |payload: Vec<u8>, ty: u32| write_gguf(&[("general.architecture", 8, s("llama")), ("x", ty, payload)], &[]);
+    // Array counts the remaining bytes cannot hold, for flat and nested item types.
+    for (ty, n) in [(0u32, u64::MAX), (0, 1 << 40), (8, 1 << 20), (9, 1 << 20), (12, 1 << 20)] {
+        let m = open_err("array-count", &meta(array_head(ty, n), 9), BIG);
+        assert!(m.contains(&n.to_string()) && m.contains("remaining"), "{m}");
+    }
+    // A string length beyond the file.
+    let m = open_err("string-len", &meta(u64v(1 << 62), 8), BIG);
+    assert!(m.contains(&(1u64 << 62).to_string()), "{m}");
+    // Key length beyond the file.
+    let mut b = write_gguf(&[("general.architecture", 8, s("llama"))], &[]);
+    b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(open_err("key-len", &b, BIG).contains("metadata key #0"));
+    // tensor_count / metadata_kv_count beyond the file, and above the count limit.
+    for (at, what) in [(8usize, "tensor_count"), (16, "metadata_kv_count")] {
+        for n in [u64::MAX, 1 << 40, 1 << 21] {
+            let mut b = write_gguf(&[("general.architecture", 8, s("llama"))], &[]);
+            b[at..at + 8].copy_from_slice(&n.to_le_bytes());
+            let m = open_err(what, &b, BIG);
+            assert!(m.contains(what), "{what} = {n}: {m}");
+        }
+    }
+}
+
+#[test]
+fn nested_arrays_count_their_headers_and_depth() {
+    // 100 nested arrays claim 100 x 12 bytes; the 1000 bytes that follow can hold 8-byte items
+    // (the old bound) but not 12-byte ones.
+    let mut payload = array_head(9, 100);
+    payload.extend(vec![0u8; 1000]);
+    let b = write_gguf(&[("x", 9, payload)], &[]);
+    assert!(open_err("nested-count", &b, BIG).contains("at least 12 bytes"));
+    // Arrays four deep.
+    let mut payload = Vec::new();
+    for _ in 0..4 {
+        payload.extend(array_head(9, 1));
+    }
+    payload.extend(array_head(4, 0));
+    let b = write_gguf(&[("x", 9, payload)], &[]);
+    assert!(open_err("nested-deep", &b, BIG).contains("nested"));
+    // Three deep is fine.
+    let mut payload = Vec::new();
+    for _ in 0..2 {
+        payload.extend(array_head(9, 1));
+    }
+    payload.extend(array_head(4, 1));
+    payload.extend(u32v(7));
+    let p = tmp("nested-ok", &write_gguf(&[("x", 9, payload)], &[]));
+    let f = GgufFile::open(&p).unwrap();
+    let _ = std::fs::remove_file(&p);
+    assert_eq!(f.get("x"), Some(&Value::Array(vec![Value::Array(vec![Value::Array(vec![Value::U32(7)])])])));
+}
+
+#[test]
+fn metadata_memory_is_bounded() {
+    // 100k u8 items are 100 kB on disk and 3.2 MB as values: over a 1 MB budget.
+    let mut payload = array_head(0, 100_000);
+    payload.extend(vec![1u8; 100_000]);
+    let b = write_gguf(&[("x", 9, payload)], &[]);
+    let m = open_err("budget", &b, 1 << 20);
+    assert!(m.contains("in memory") && m.contains("`x`"), "{m}");
+    // The same file within the real budget parses.
+    let p = tmp("budget-ok", &b);
+    assert_eq!(GgufFile::open(&p).unwrap().get("x").and_then(Value::as_array).map(<[Value]>::len), Some(100_000));
+    let _ = std::fs::remove_file(&p);
+}
+
+#[test]
+fn bad_tensor_infos_are_errors() {
+    let kv = [("general.architecture", 8u32, s("llama"))];
+    let one = |dims: Vec<u64>, ty: u32, data: Vec<u8>| write_gguf(&kv, &[("t", dims, ty, data)]);
+    // Element count overflowing u64.
+    let m = open_err("dims-overflow", &one(vec![1 << 32, 1 << 32, 1 << 32], 0, vec![0; 32]), BIG);
+    assert!(m.contains("overflows"), "{m}");
+    // A huge but representable size: past the end of the file.
+    let m = open_err("dims-huge", &one(vec![1 << 30, 1 << 30], 0, vec![0; 32]), BIG);
+    assert!(m.contains("runs past the end"), "{m}");
+    // n_dims 0 and 5.
+    for nd in [0u32, 5, u32::MAX] {
+        let mut b = one(vec![8], 0, vec![0; 32]);
+        // After magic, version, counts, the kv (8+20 key, 4 type, 8+5 value) and the name (8+1).
+        let at = 24 + (8 + 20) + 4 + (8 + 5) + (8 + 1);
+        b[at..at + 4].copy_from_slice(&nd.to_le_bytes());
+        let m = open_err("n-dims", &b, BIG);
+        assert!(m.contains("dimensions"), "{nd}: {m}");
+    }
+    // Offset past the end (aligned) and unaligned.
+    let mut b = one(vec![8], 0, vec![0; 32]);
+    let at = 24 + (8 + 20) + 4 + (8 + 5) + (8 + 1) + 4 + 8 + 4;
+    b[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(open_err("offset", &b, BIG).contains("runs past the end"));
+    b[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
+    assert!(open_err("offset-unaligned", &b, BIG).contains("aligned"));
+}
+
+/// The error of loading a tiny llama whose metadata `edit` changed, as the engine does:
+/// open, config, weights, tokenizer.
+fn load_err(name: &str, edit: impl FnOnce(&mut Kv)) -> Error {
+    let (bytes, _) = tiny_llama_with(edit);
+    let p = tmp(name, &bytes);
+    let r = (|| {
+        let src = GgufSource::open(&p)?;
+        let cfg = model_config(&src.file, src.config_json()?)?;
+        crate::weights::llama::load(&src, &cfg, crate::tensor::DType::F32, &mut |_, _| {})?;
+        crate::tokenizer::Tokenizer::from_gguf(&src.file)
+    })();
+    let _ = std::fs::remove_file(&p);
+    match r {
+        Err(e) => e,
+        Ok(_) => panic!("{name}: loaded"),
+    }
+}
+
+fn bad_message(e: Error) -> String {
+    match e {
+        Error::BadModelFile { message, .. } => message,
+        other => panic!("expected BadModelFile, got {other:?}"),
+    }
+}
+
+#[test]
+fn huge_hyperparameters_are_bounded_by_the_config() {
+    for (key, ty, payload, field) in [
+        ("llama.block_count", 10u32, u64v(1_000_000_000_000), "num_hidden_layers"),
+        ("llama.embedding_length", 10, u64v(1 << 40), "hidden_size"),
+        ("llama.feed_forward_length", 10, u64v(u64::MAX), "intermediate_size"),
+        ("llama.attention.head_count", 4, u32v(0), "num_attention_heads"),
+        ("llama.context_length", 10, u64v(1 << 50), "max_position_embeddings"),
+        ("llama.attention.key_length", 4, u32v(1 << 30), "head_dim"),
+    ] {
+        let m = bad_message(load_err(key, |kv| set(kv, key, ty, payload)));
+        assert!(m.contains(field) && m.contains(key) && m.contains("re-convert"), "{key}: {m}");
+    }
+    // A negative count is not "absent".
+    let m = bad_message(load_err("neg", |kv| set(kv, "llama.block_count", 5, (-1i32).to_le_bytes().to_vec())));
+    assert!(m.contains("llama.block_count") && m.contains("non-negative"), "{m}");
+}
+
+#[test]
+fn tokenizer_arrays_must_agree() {
+    let m = bad_message(load_err("types", |kv| {
+        let mut p = array_head(5, 2);
+        p.extend([1i32, 1].iter().flat_map(|x| x.to_le_bytes()));
+        set(kv, "tokenizer.ggml.token_type", 9, p)
+    }));
+    assert!(m.contains("token_type has 2 entries") && m.contains("has 6"), "{m}");
+    let m = bad_message(load_err("scores", |kv| {
+        set(kv, "tokenizer.ggml.model", 8, s("llama"));
+        kv.retain(|(k, _, _)| *k != "tokenizer.ggml.merges");
+        let mut p = array_head(6, 7);
+        p.extend(f32_bytes(&[0.0; 7]));
+        set(kv, "tokenizer.ggml.scores", 9, p)
+    }));
+    assert!(m.contains("scores has 7 entries"), "{m}");
+    let m = bad_message(load_err("types-not-int", |kv| set(kv, "tokenizer.ggml.token_type", 9, str_array(&["a"; 6]))));
+    assert!(m.contains("not a number"), "{m}");
 }
