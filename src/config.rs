@@ -257,6 +257,9 @@ impl ModelConfig {
         if let (Some(obj), false) = (raw.as_object_mut(), cfg.raw_has_max_positions) {
             obj.insert("max_position_embeddings".into(), Value::from(cfg.config.max_position_embeddings));
         }
+        if let (Some(obj), Architecture::Mistral) = (raw.as_object_mut(), architecture) {
+            obj.entry("sliding_window").or_insert(Value::from(MISTRAL_DEFAULT_WINDOW));
+        }
         cfg.config.raw = raw;
         Ok(cfg.config)
     }
@@ -386,9 +389,14 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
 }
 
 /// Per-layer sliding windows; `n_layers` is already bounded, so the Vec is small.
+/// transformers' `MistralConfig(sliding_window=4096)` default.
+const MISTRAL_DEFAULT_WINDOW: usize = 4096;
+
 fn parse_windows(f: &Fields, arch: Architecture, n_layers: usize) -> Result<Vec<Option<usize>>> {
     let window = || f.uint("sliding_window", 1, limits::MAX_CONTEXT, "Mistral uses 4096");
     Ok(match arch {
+        // MistralConfig's default is 4096 when the key is absent; an explicit null means none.
+        Architecture::Mistral if f.raw.get("sliding_window").is_none() => vec![Some(MISTRAL_DEFAULT_WINDOW); n_layers],
         Architecture::Mistral => vec![window()?; n_layers],
         Architecture::Qwen2 | Architecture::Qwen3 => {
             let window = if f.bool("use_sliding_window")?.unwrap_or(false) { window()? } else { None };

@@ -471,3 +471,16 @@ def test_logprobs_are_computed_per_step_from_the_raw_logits(gen):
             assert [v for _, v in top] == pytest.approx(list(np.sort(ref)[::-1][:4]), abs=1e-9)
             compared += 1
     assert compared >= 2
+
+
+def test_huge_max_new_tokens_is_an_error_not_an_abort(kv_model, kvgen):
+    """Dynamic NTK RoPE has no context check, so only kvgen's bounds stand between a huge
+    max_new_tokens and a multi-terabyte allocation."""
+    gen = kv_model("llama_dynamic_rope")
+    with pytest.raises(kvgen.InvalidInputError, match="limit of 2147483648"):
+        gen.generate([[5, 6, 7]], max_new_tokens=10**12)
+    with pytest.raises(kvgen.InvalidInputError, match="max_cache_tokens="):
+        gen.generate([[5, 6, 7]], max_new_tokens=10**9)
+    with pytest.raises(kvgen.InvalidInputError, match="max_sequences=256"):
+        gen.generate([[5, 6, 7]] * 257, max_new_tokens=2)
+    assert len(gen.generate([[5, 6, 7]], max_new_tokens=2)[0]) == 5

@@ -113,6 +113,30 @@ def test_missing_max_position_embeddings_takes_transformers_default(kvgen, model
         gen.generate([1, 2, 3], max_new_tokens=ref)
 
 
+def test_missing_mistral_sliding_window_takes_transformers_default(kvgen, model_dir, tmp_path):
+    """MistralConfig's sliding_window defaults to 4096 when the key is absent (an explicit null
+    means full attention); kvgen attends as transformers does in both cases."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = [[(7 * i) % 90 + 3 for i in range(40)]]
+    for value in ("absent", None):
+        d = _copy_model(model_dir, tmp_path / str(value), "mistral")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("sliding_window")
+        if value is None:
+            cfg["sliding_window"] = None
+        (d / "config.json").write_text(json.dumps(cfg))
+        ref_cfg = AutoConfig.from_pretrained(str(d))
+        gen = kvgen.Generator.from_pretrained(str(d))
+        assert gen.config.sliding_window == ref_cfg.sliding_window == (4096 if value == "absent" else None)
+        hf = AutoModelForCausalLM.from_pretrained(str(d), attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(torch.tensor(ids)).logits.numpy()
+        assert np.abs(gen.logits(ids) - ref).max() < 1e-4
+
+
 # -- safetensors ----------------------------------------------------------------------------------
 
 
