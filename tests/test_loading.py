@@ -163,13 +163,33 @@ def test_unsupported_architecture_lists_supported(kvgen, tokenizer_dir, hf_tok, 
         assert arch in msg, f"{arch} missing from: {msg}"
 
 
+# The documented error classes (README, DESIGN) and the builtin each one also derives.
+DOCUMENTED_ERRORS = {
+    "InvalidInputError": ValueError,
+    "TokenOutOfRangeError": ValueError,
+    "ContextLengthError": ValueError,
+    "ModelFormatError": ValueError,
+    "ModelNotFoundError": FileNotFoundError,
+    "NumericalError": RuntimeError,
+    "BackendUnavailableError": RuntimeError,
+    "BackendError": RuntimeError,
+}
+
+
 def test_error_hierarchy(kvgen):
     assert issubclass(kvgen.KvgenError, Exception)
+    for name, builtin in DOCUMENTED_ERRORS.items():
+        cls = getattr(kvgen, name, None)
+        assert isinstance(cls, type), f"kvgen.{name} is missing"
+        assert issubclass(cls, kvgen.KvgenError) and issubclass(cls, builtin), (name, cls.__mro__)
     # subclasses derive the fitting builtin as well; whatever extra names exist must be KvgenErrors
+    checked = []
     for name in dir(kvgen):
         obj = getattr(kvgen, name)
         if isinstance(obj, type) and issubclass(obj, BaseException) and name.endswith("Error"):
             assert issubclass(obj, kvgen.KvgenError), f"kvgen.{name} does not derive from KvgenError"
+            checked.append(name)
+    assert set(DOCUMENTED_ERRORS) <= set(checked), checked
 
 
 @pytest.mark.parametrize("bad_id", [1000, -1])

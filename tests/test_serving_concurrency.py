@@ -109,36 +109,69 @@ def test_request_joins_a_running_batch_with_its_prefill(kv_model):
     assert stats["max_step_sequences"] == 2
 
 
+def _limits(gen) -> dict:
+    stats = gen.scheduler_stats()
+    return dict(max_sequences=stats["max_sequences"], max_cache_tokens=stats["max_cache_tokens"])
+
+
+def _join_all(threads, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"a request did not finish within {timeout:.0f} s"
+
+
+def _queue_then_release(gen, calls):
+    """Starts one thread per call with the scheduler held until all of them are queued, so the
+    scheduler's bounds (not thread timing) decide how many run together."""
+    gen._engine.reset_scheduler_peaks()
+    gen._engine._pause_scheduler(True)
+    try:
+        threads, results, errors = _run_threads(gen, calls)
+        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == len(calls), what=f"{len(calls)} queued requests")
+    finally:
+        gen._engine._pause_scheduler(False)
+    return threads, results, errors
+
+
 def test_batch_size_bound_queues_the_rest(kv_model):
     gen = kv_model("mistral")
     calls = [_call(i, sample=False) for i in range(6)]
     solo = [gen.generate(**c) for c in calls]
+    previous = _limits(gen)
     gen.set_scheduler_limits(max_sequences=2)
     try:
-        gen._engine.reset_scheduler_peaks()
-        threads, results, errors = _run_threads(gen, calls)
-        for t in threads:
-            t.join(30)
-        assert not errors and results == solo
-        assert gen.scheduler_stats()["max_step_sequences"] <= 2
+        assert _limits(gen) == dict(previous, max_sequences=2)
+        threads, results, errors = _queue_then_release(gen, calls)
+        _join_all(threads)
+        assert not errors, errors
+        for i, (got, want) in enumerate(zip(results, solo)):
+            assert got == want, f"request {i} under max_sequences=2 differs from its solo run"
+        # all 6 were waiting when the scheduler was released: bounded, and the bound was used
+        assert gen.scheduler_stats()["max_step_sequences"] == 2, gen.scheduler_stats()
     finally:
-        gen.set_scheduler_limits(max_sequences=64)
+        gen.set_scheduler_limits(**previous)
+    assert _limits(gen) == previous
 
 
 def test_cache_bound_queues_the_rest(kv_model):
     gen = kv_model("mistral")
+    calls = [dict(inputs=[[4 + i, 5, 6, 7]], max_new_tokens=20) for i in range(4)]
+    solo = [gen.generate(**c) for c in calls]
+    previous = _limits(gen)
     # Room for one 4-token prompt + 20 new tokens at a time.
     gen.set_scheduler_limits(max_cache_tokens=30)
     try:
-        gen._engine.reset_scheduler_peaks()
-        calls = [dict(inputs=[[4 + i, 5, 6, 7]], max_new_tokens=20) for i in range(4)]
-        threads, results, errors = _run_threads(gen, calls)
-        for t in threads:
-            t.join(30)
-        assert not errors
-        assert gen.scheduler_stats()["max_step_sequences"] == 1
+        assert _limits(gen) == dict(previous, max_cache_tokens=30)
+        threads, results, errors = _queue_then_release(gen, calls)
+        _join_all(threads)
+        assert not errors, errors
+        for i, (got, want) in enumerate(zip(results, solo)):
+            assert got == want, f"request {i} under max_cache_tokens=30 differs from its solo run"
+        assert gen.scheduler_stats()["max_step_sequences"] == 1, gen.scheduler_stats()
     finally:
-        gen.set_scheduler_limits(max_cache_tokens=1 << 20)
+        gen.set_scheduler_limits(**previous)
+    assert _limits(gen) == previous
 
 
 def test_scores_and_batches_through_the_scheduler(kv_model):
@@ -151,8 +184,11 @@ def test_scores_and_batches_through_the_scheduler(kv_model):
     for t in threads:
         t.join(30)
     assert not errors
+    for i, c in enumerate(results[1:], start=1):
+        assert c is not None, f"request {i} returned nothing"
     got = results[0]
     np.testing.assert_array_equal(got.sequences, alone.sequences)
+    assert len(got.scores) == len(alone.scores) == len(got.logits) == len(alone.logits) == 6
     for a, b in zip(got.scores, alone.scores):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(got.logits, alone.logits):

@@ -4,6 +4,7 @@ split across tokens are never torn, stop strings end the stream at the right cha
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -63,14 +64,44 @@ def test_stream_with_stop_string_ends_after_it(gen):
 
 
 def test_stream_errors_surface(gen):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_new_tokens=0 must be greater than 0"):
         list(gen.stream(PROMPTS[0], max_new_tokens=0))
 
 
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_closing_the_stream_cancels_generation(gen):
-    it = gen.stream(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
-    next(it)
-    it.close()
+    engine = gen._engine
+    before = gen.scheduler_stats()["cancelled"]
+    # Hold the scheduler after 20 steps, so the 200-token generation is provably still running
+    # when the stream is closed (on a tiny model it could otherwise finish before close()). The
+    # timer turns a stream that yields nothing in those 20 steps into a failure, not a hang.
+    engine._pause_scheduler(True, 20)
+    release = threading.Timer(10.0, lambda: engine._pause_scheduler(False))
+    release.start()
+    try:
+        it = gen.stream(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
+        assert next(it)
+        assert gen.scheduler_stats()["running_sequences"] == 1, gen.scheduler_stats()
+        it.close()
+        # The cancellation lands while the scheduler is held.
+        cancelled = _wait_for(
+            lambda: gen.scheduler_stats()["cancelled"] == before + 1
+            and gen.scheduler_stats()["running_sequences"] == 0
+        )
+        stats = gen.scheduler_stats()
+    finally:
+        release.cancel()
+        engine._pause_scheduler(False)
+    assert cancelled, f"closing the stream did not cancel its generation: {stats} (cancelled before: {before})"
+    assert stats["cancelled"] == before + 1 and stats["running_sequences"] == 0, stats
     # the generator stays usable afterwards
     assert gen.generate(PROMPTS[0], max_new_tokens=3)
 

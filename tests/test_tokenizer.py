@@ -13,6 +13,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer  # noqa: E402
 
+import kvgen  # noqa: E402
 from kvgen.tokenizer import Tokenizer  # noqa: E402
 from tiny_tokenizer import TOKENIZER_LEN, build_tokenizer  # noqa: E402
 
@@ -222,7 +223,7 @@ def test_single_and_unpadded_call(pair, return_tensors):
         _assert_same(kv(BATCH), hf(BATCH), None)
         _assert_same(kv(BATCH, return_attention_mask=False), hf(BATCH, return_attention_mask=False), None)
     else:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="different lengths"):
             kv(BATCH, return_tensors=return_tensors)
         same_len = ["hello there", "hello there"]
         _assert_same(
@@ -253,7 +254,7 @@ def test_padding_side_attribute_and_pad_token_setter(fresh):
     kv.padding_side = "left"
     hf.padding_side = "left"
     _assert_same(kv(BATCH, padding=True), hf(BATCH, padding=True), None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
         kv.padding_side = "middle"
     # the usual `tok.pad_token = tok.eos_token`
     kv.pad_token = kv.eos_token
@@ -308,7 +309,7 @@ def test_continue_final_message(pair):
     a = kv.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
     assert a == hf.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
     assert a.endswith("Hi, I am")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt are not compatible"):
         kv.apply_chat_template(msgs, continue_final_message=True, add_generation_prompt=True)
 
 
@@ -356,8 +357,9 @@ def test_chat_template_features(pair):
         b = hf.apply_chat_template(msgs, chat_template=FANCY_TEMPLATE, tokenize=False, **kwargs)
         assert a == b, kwargs
     bad = [{"role": "robot", "content": "beep"}]
-    with pytest.raises(Exception, match="bad role: robot"):
+    with pytest.raises(ValueError, match="bad role: robot") as info:
         kv.apply_chat_template(bad, chat_template=FANCY_TEMPLATE, tokenize=False)
+    assert isinstance(info.value, kvgen.KvgenError), type(info.value)
 
 
 def test_chat_template_from_config_list(tok_dirs, tmp_path):
@@ -407,15 +409,16 @@ def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_pretrained(tmp_path / "does-not-exist")
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(Exception, match="tokenizer.json"):
+    with pytest.raises(ValueError, match="tokenizer.json: cannot load tokenizer") as info:
         Tokenizer.from_pretrained(tmp_path)
+    assert isinstance(info.value, kvgen.KvgenError), type(info.value)
 
 
 def test_bad_ids_raise(pair):
     kv, _ = pair
-    with pytest.raises((ValueError, OverflowError)):
+    with pytest.raises((ValueError, OverflowError), match="-5"):
         kv.decode([1, -5])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="integers"):
         kv.decode(["a"])
 
 

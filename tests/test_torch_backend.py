@@ -85,6 +85,7 @@ def test_step_logits_match_native(kind, hf_tok, kv_model, torch_model):
     got = torch_model(kind).generate(enc["input_ids"], **kwargs)
     ref = kv_model(kind).generate(enc["input_ids"], **kwargs)
     np.testing.assert_array_equal(got.sequences, ref.sequences)
+    assert len(got.logits) == len(ref.logits) == 12, (len(got.logits), len(ref.logits))
     for step, (a, b) in enumerate(zip(got.logits, ref.logits)):
         diff = np.abs(np.asarray(a) - np.asarray(b)).max()
         assert diff <= LOGITS_ATOL, f"{kind}: step {step} logits differ by {diff:.3g}"
@@ -136,7 +137,11 @@ def test_bf16_close_to_transformers_bf16(kind, hf_tok, model_dir, torch_model):
     ref = hf_generate(hf, **enc, max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_logits=True)
     out = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=16, do_sample=False)
     threshold = max(1e-4, 4 * diff)
-    assert_sequences_match(out, ref, prompt_len, threshold=threshold, what=f"{kind} bf16", eos_ids=eos_ids_of(hf))
+    # This threshold (0.3 .. 0.56 here) leaves few tokens to compare: measured 4 (qwen2), 5 (llama,
+    # mistral) and 8 (qwen3) of 64. Require at least 3, so the comparison cannot be empty.
+    assert_sequences_match(
+        out, ref, prompt_len, threshold=threshold, what=f"{kind} bf16", eos_ids=eos_ids_of(hf), min_compared=3
+    )
 
 
 def test_float16_on_f32_checkpoint(hf_tok, model_dir, torch_model):
@@ -217,6 +222,7 @@ def test_graph_inputs_emulated_equal_eager(kind, hf_tok, model_dir, torch_model,
     a = emulated.generate(enc["input_ids"], **kwargs)
     b = torch_model(kind).generate(enc["input_ids"], **kwargs)
     np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert len(a.logits) == len(b.logits) == a.sequences.shape[1] - enc["input_ids"].shape[1] > 0
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         diff = np.abs(np.asarray(x) - np.asarray(y)).max()
         assert diff <= LOGITS_ATOL, f"{kind}: step {step} emulated-graph vs eager logits differ by {diff:.3g}"

@@ -85,7 +85,12 @@ def test_bf16_close_to_transformers_bf16_on_gpu(kind, hf_tok, model_dir, gpu_mod
     scale = logits_scale(ref.logits[0])
     assert diff <= 2e-2 * scale, f"{kind} bf16 on GPU: last-logit max |diff| {diff:.3g} (scale {scale:.3g})"
     threshold = max(1e-4, 4 * diff)
-    assert_sequences_match(out.sequences, ref, prompt_len, threshold=threshold, what=f"{kind} cuda bf16", eos_ids=eos_ids_of(hf))
+    # The threshold can leave few tokens to compare (on libtorch's CPU device 4 .. 8 of 64, see
+    # test_torch_backend.py); at least the first token of one row must be compared.
+    assert_sequences_match(
+        out.sequences, ref, prompt_len, threshold=threshold, what=f"{kind} cuda bf16", eos_ids=eos_ids_of(hf),
+        min_compared=1,
+    )
 
 
 def test_seeded_sampling_reproducible_on_gpu(hf_tok, gpu_model):
@@ -169,6 +174,7 @@ def test_cuda_graph_decode_equals_eager(kind, hf_tok, model_dir, monkeypatch, ca
     assert "CUDA graph" not in capfd.readouterr().err, "capture or replay failed and fell back to eager"
     np.testing.assert_array_equal(a.sequences, b.sequences)
     np.testing.assert_array_equal(a.sequences, a2.sequences)
+    assert len(a.logits) == len(b.logits) == 24, (len(a.logits), len(b.logits))
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         diff = np.abs(np.asarray(x) - np.asarray(y)).max()
         assert diff <= 1e-4, f"{kind}: step {step} graph vs eager logits differ by {diff:.3g}"

@@ -345,16 +345,30 @@ def eos_ids_of(model) -> list[int]:
     return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
 
-def assert_sequences_match(kv_seq, hf_out, prompt_len: int, threshold: float = 1e-4, what: str = "", eos_ids=()):
+def assert_sequences_match(
+    kv_seq, hf_out, prompt_len: int, threshold: float = 1e-4, what: str = "", eos_ids=(), min_compared=None
+) -> int:
     """kvgen's sequences must equal HF's exactly (shape and every token), except after a step
     where HF's own top-1/top-2 margin was a near-tie (then the rest of that row is not compared).
-    Explains the first mismatch with HF's margins at that step."""
+    Explains the first mismatch with HF's margins at that step.
+
+    Returns how many new tokens were compared (summed over rows). `min_compared` (default: every
+    new token of every row, i.e. no near-tie allowed) is the least that must be compared, so a
+    test cannot pass by comparing nothing."""
     kv_seq = to_torch(kv_seq)
     hf_seq = hf_out.sequences
     n_ok = comparable_new_tokens(hf_out, threshold, prompt_len, eos_ids)
+    compared = sum(n_ok)
+    if min_compared is None:
+        min_compared = hf_seq.shape[0] * len(hf_out.logits)
+    assert len(hf_out.logits) > 0, f"{what}: HF generated no tokens"
+    assert compared >= min_compared, (
+        f"{what}: only {compared} new tokens comparable (per row {n_ok}) at margin threshold {threshold:.3g}, "
+        f"at least {min_compared} required"
+    )
     if all(n == len(hf_out.logits) for n in n_ok):
         if kv_seq.shape == hf_seq.shape and torch.equal(kv_seq.long(), hf_seq):
-            return
+            return compared
     assert kv_seq.shape[0] == hf_seq.shape[0], f"{what}: batch {kv_seq.shape} vs HF {hf_seq.shape}"
     margins = step_margins(hf_out.logits)
     for row in range(hf_seq.shape[0]):
@@ -374,6 +388,7 @@ def assert_sequences_match(kv_seq, hf_out, prompt_len: int, threshold: float = 1
     # all comparable prefixes matched; the shapes must still match when nothing was a near-tie
     if all(n == len(hf_out.logits) for n in n_ok):
         assert kv_seq.shape == hf_seq.shape, f"{what}: shape {tuple(kv_seq.shape)} vs HF {tuple(hf_seq.shape)}"
+    return compared
 
 
 def max_abs_diff_valid(kv_logits, hf_logits, attention_mask) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Hard ceilings of the schema; each server applies its own (lower, configurable) ServerLimits.
 MAX_STOP = 64
@@ -43,14 +43,20 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must not be empty strings")
         return stops or None
 
-    @model_validator(mode="after")
-    def _neutral_only(self) -> "_Sampling":
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise ValueError(f"{name}={getattr(self, name)} is not supported by kvgen; leave it at 0")
-        if self.logit_bias:
+    # Field validators (not a model validator), so the error's `param` names the field.
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float, info: Any) -> float:
+        if v != 0.0:
+            raise ValueError(f"{info.field_name}={v} is not supported by kvgen; leave it at 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: Any) -> Any:
+        if v:
             raise ValueError("logit_bias is not supported by kvgen; leave it unset")
-        return self
+        return v
 
     @property
     def include_usage(self) -> bool:

@@ -280,7 +280,7 @@ class _Service:
                 param,
             )
 
-    def _settings(self, body: _Sampling, max_tokens: Optional[int], longest_prompt: int) -> dict:
+    def _settings(self, body: _Sampling, max_tokens: Optional[int], longest_prompt: int, max_param: str) -> dict:
         limit = self.limits.max_tokens_limit
         if max_tokens is None:
             room = self.context - longest_prompt if self.context else limit
@@ -288,8 +288,8 @@ class _Service:
         if max_tokens > limit:
             raise ApiError(
                 400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {limit}; ask for fewer tokens",
-                "max_tokens",
+                f"{max_param}={max_tokens} exceeds this server's limit of {limit}; ask for fewer tokens",
+                max_param,
             )
         settings: dict = {"max_new_tokens": max_tokens}
         if body.temperature == 0:
@@ -362,10 +362,17 @@ class _Service:
         self._check_prompt(ids, "messages")
         return ids
 
-    def job(self, prompts: list[list[int]], body: _Sampling, max_tokens: Optional[int], logprobs: Optional[int]) -> _Job:
+    def job(
+        self,
+        prompts: list[list[int]],
+        body: _Sampling,
+        max_tokens: Optional[int],
+        logprobs: Optional[int],
+        max_param: str = "max_tokens",
+    ) -> _Job:
         if logprobs is not None and body.stream:
             raise ApiError(400, "logprobs with stream=true is not supported; drop one of them", "logprobs")
-        settings = self._settings(body, max_tokens, max(len(p) for p in prompts))
+        settings = self._settings(body, max_tokens, max(len(p) for p in prompts), max_param)
         try:
             return _Job(self.gen, prompts, body.n, settings, list(body.stop or []), logprobs)
         except OverloadedError as e:
@@ -568,7 +575,8 @@ def create_app(
         service._check_logprobs(body.top_logprobs, "top_logprobs")
         prompt = await _off_loop(service._chat_prompt, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = service.job([prompt], body, body.token_budget, top)
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        job = service.job([prompt], body, body.token_budget, top, max_param)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name}
 
