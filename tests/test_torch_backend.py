@@ -225,7 +225,7 @@ def test_graph_inputs_emulated_equal_eager(kind, hf_tok, model_dir, torch_model,
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         diff = np.abs(np.asarray(x) - np.asarray(y)).max()
         assert diff <= LOGITS_ATOL, f"{kind}: step {step} emulated-graph vs eager logits differ by {diff:.3g}"
-    # Rows finishing early (non-consecutive rows run eagerly), then a new batch shape.
+    # Rows finishing early (the rest no longer consecutive: gathered, not viewed), then a new batch shape.
     c = emulated.generate(enc["input_ids"][1:], attention_mask=enc["attention_mask"][1:], max_new_tokens=30, do_sample=False)
     d = torch_model(kind).generate(enc["input_ids"][1:], attention_mask=enc["attention_mask"][1:], max_new_tokens=30, do_sample=False)
     assert torch.equal(c, d)
