@@ -5,6 +5,11 @@ GPU checks are in test_torch_cuda.py (pytest marker `cuda`)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -226,8 +231,148 @@ def test_graph_inputs_emulated_equal_eager(kind, hf_tok, model_dir, torch_model,
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         diff = np.abs(np.asarray(x) - np.asarray(y)).max()
         assert diff <= LOGITS_ATOL, f"{kind}: step {step} emulated-graph vs eager logits differ by {diff:.3g}"
-    # Rows finishing early (non-consecutive rows run eagerly), then a new batch shape.
+    # Rows finishing early (the rest no longer consecutive: gathered, not viewed), then a new batch shape.
     c = emulated.generate(enc["input_ids"][1:], attention_mask=enc["attention_mask"][1:], max_new_tokens=30, do_sample=False)
     d = torch_model(kind).generate(enc["input_ids"][1:], attention_mask=enc["attention_mask"][1:], max_new_tokens=30, do_sample=False)
     assert torch.equal(c, d)
+    assert "CUDA graph" not in capfd.readouterr().err, "the graph path failed and fell back to eager"
+
+
+# -- the KV arena: capacity buckets, memory given back while busy -----------------------------------
+
+# The torch backend rounds each sequence's capacity (prompt + max_new_tokens) up to a bucket of
+# 256 << k positions, one arena per bucket sized to its live rows.
+BUCKET = 256
+LONG_CONTEXT = 2048
+
+
+@pytest.fixture(scope="module")
+def long_context_dir(model_dir, tmp_path_factory):
+    """The llama fixture with a 2048-position context (default rope: only the context limit
+    changes), so that requests can land in different KV buckets."""
+    dst = tmp_path_factory.mktemp("llama-long-context")
+    shutil.copytree(model_dir("llama"), dst, dirs_exist_ok=True)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["max_position_embeddings"] = LONG_CONTEXT
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _greedy(prompt, n):
+    # min_new_tokens: every request runs exactly n steps (no early eos), so the timeline is known.
+    return dict(inputs=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def _wait_for(predicate, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _start(gen, calls):
+    results, errors = [None] * len(calls), []
+
+    def work(i):
+        try:
+            results[i] = gen.generate(**calls[i])
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def _join(threads, errors):
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+def test_long_request_gives_its_cache_back_while_short_ones_run(long_context_dir):
+    """One long request (capacity 604 positions) and six short ones (43) run together; once the
+    long one ends, the backend holds about the short rows' bucket (6-7 rows x 256 positions), not
+    every row at the long capacity (a single arena sized by its largest row keeps 7 x 604)."""
+    gen = kvgen.Generator.from_pretrained(str(long_context_dir), backend="torch")
+    engine = gen._engine
+    long_call = _greedy([[5, 6, 7, 8]], 600)
+    short_calls = [_greedy([[9 + i, 30 + 2 * i, 11]], 40) for i in range(6)]
+    solo_long = gen.generate(**long_call)
+    solo_short = [gen.generate(**c) for c in short_calls]
+    stats = gen.scheduler_stats()
+    assert stats["cache_bytes_reserved"] == 0, "an idle model holds no KV cache"
+    per_pos, steps0 = stats["cache_bytes_per_token"], stats["steps"]
+
+    def reached(steps, running):
+        s = gen.scheduler_stats()
+        return s["steps"] == steps0 + steps and s["running_requests"] == running
+
+    engine._pause_scheduler(True, 590)
+    long_threads, long_results, long_errors = _start(gen, [long_call])
+    try:
+        _wait_for(lambda: reached(590, 1), "the long request's first 590 steps")
+        assert gen.scheduler_stats()["cache_bytes_reserved"] >= 604 * per_pos
+        short_threads, short_results, short_errors = _start(gen, short_calls)
+        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 6, "the short requests queued")
+        # Their prefill joins the long request's decode; then one decode step of all seven.
+        engine._pause_scheduler(True, 2)
+        _wait_for(lambda: reached(592, 7), "seven requests running")
+        both = gen.scheduler_stats()["cache_bytes_reserved"]
+        assert both >= (604 + 6 * 43) * per_pos, both / per_pos
+        # The long request ends at step 600; the short ones have 28 steps to go at 602.
+        engine._pause_scheduler(True, 10)
+        _wait_for(lambda: reached(602, 6), "the long request finished, six short ones running")
+        busy = gen.scheduler_stats()["cache_bytes_reserved"]
+        assert 6 * BUCKET * per_pos <= busy <= 2 * 6 * BUCKET * per_pos, (
+            f"{busy / per_pos:.0f} positions reserved for 6 rows of {BUCKET}: the long request's memory was not given back"
+        )
+    finally:
+        engine._pause_scheduler(False)
+    _join(long_threads, long_errors)
+    _join(short_threads, short_errors)
+    assert long_results[0] == solo_long, "the long request differs from its solo run"
+    for i, (got, want) in enumerate(zip(short_results, solo_short)):
+        assert got == want, f"short request {i} differs from its solo run"
+    assert gen.scheduler_stats()["cache_bytes_reserved"] == 0
+
+
+@pytest.mark.parametrize("graphs", ["eager", "emulate"])
+def test_mixed_bucket_batch_matches_solo(graphs, long_context_dir, monkeypatch, capfd):
+    """Requests whose capacities fall in the 256, 512 and 1024 buckets, interleaved in the step
+    order, share every step (attention runs per bucket, the rest batched) and each gets its solo
+    tokens; short ones finish at different times, so the 256 bucket shrinks and moves its
+    remaining rows mid-generation. With KVGEN_CUDA_GRAPHS=emulate the same runs through the graph
+    path's fixed buffers, one per step layout, over whole bucket spans."""
+    if graphs == "emulate":
+        monkeypatch.setenv("KVGEN_CUDA_GRAPHS", "emulate")
+    else:
+        monkeypatch.delenv("KVGEN_CUDA_GRAPHS", raising=False)
+    gen = kvgen.Generator.from_pretrained(str(long_context_dir), backend="torch")
+    calls = [
+        _greedy([[5, 6, 7]], 12),  # 256
+        _greedy([[8, 9, 10, 11]], 300),  # 512
+        _greedy([[12, 13]], 20),  # 256
+        _greedy([[14, 15, 16, 17, 18]], 600),  # 1024
+        _greedy([[19, 20, 21]], 30),  # 256
+        _greedy([[22, 23]], 280),  # 512
+        _greedy([[24, 25, 26], [27, 28, 29]], 40),  # 256, two rows
+    ]
+    solo = [gen.generate(**c) for c in calls]
+    engine = gen._engine
+    engine.reset_scheduler_peaks()
+    engine._pause_scheduler(True)
+    try:
+        threads, results, errors = _start(gen, calls)
+        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == len(calls), "all requests queued")
+    finally:
+        engine._pause_scheduler(False)
+    _join(threads, errors)
+    for i, (got, want) in enumerate(zip(results, solo)):
+        assert got == want, f"request {i} (max_new_tokens={calls[i]['max_new_tokens']}) differs from its solo run"
+    stats = gen.scheduler_stats()
+    assert stats["max_step_sequences"] == 8, stats
+    assert stats["cache_bytes_reserved"] == 0
     assert "CUDA graph" not in capfd.readouterr().err, "the graph path failed and fell back to eager"

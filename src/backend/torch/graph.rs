@@ -1,16 +1,17 @@
 //! CUDA graphs for the decode step, through the C++ shim (graph_shim.cpp; tch has no graph API).
 //!
-//! A decode step (one new token per sequence, a fixed batch of consecutive cache rows) is
-//! recorded once per batch shape and then replayed: its ~40 kernels per layer launch as one graph
-//! instead of one host call each. The recorded step reads its inputs (tokens, cos/sin, write
-//! positions, the mask over the whole cache capacity) from fixed device buffers, refreshed by a
-//! copy before each replay, and writes the logits to a fixed output tensor.
+//! A decode step (one new token per sequence) is recorded once per step layout (which KV
+//! buckets, how many rows of each, which rows it views) and then replayed: its ~40 kernels per
+//! layer launch as one graph instead of one host call each. The recorded step reads its inputs
+//! (tokens, cos/sin, rows and write positions, the masks over each bucket's whole capacity) from
+//! fixed device buffers, refreshed by a copy before each replay, and writes the logits to a fixed
+//! output tensor.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 use tch::Tensor;
 
-use super::model::StepPlan;
+use super::model::{StepLayout, StepPlan};
 use crate::error::{Error, Result};
 
 extern "C" {
@@ -98,11 +99,13 @@ pub struct DecodeGraph {
     pub logits: Tensor,
 }
 
-/// Which recorded graph serves a step: batch size and first cache row (the graph addresses
-/// those rows of the arena), for the arena generation it was recorded against.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+/// Which recorded graph serves a step: its layout (batch shape, buckets, the rows it views), and
+/// the stamp of each of those buckets when it was recorded. A graph addresses those buckets'
+/// tensors; once one of them is reallocated or freed its stamp changes and the graph is dropped
+/// before the next step (`State::prune_graphs`), so a graph never replays against freed or moved
+/// tensors, while graphs of the other buckets stay.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct GraphKey {
-    pub batch: usize,
-    pub first_row: usize,
-    pub arena_generation: u64,
+    pub layout: StepLayout,
+    pub stamps: Vec<u64>,
 }

@@ -21,9 +21,10 @@ use crate::model::rope::Rope;
 use crate::tensor::DType;
 use cache::KvArena;
 use graph::{CudaGraph, DecodeGraph, GraphKey};
-use model::{StepPlan, TorchModel};
+use model::{Grouping, StepPlan, TorchModel};
 
-/// Recorded decode graphs kept per arena generation (batch shapes seen in one generation).
+/// Recorded decode graphs kept at once (step layouts; each holds a memory pool for its
+/// intermediates). Steps of other layouts run eagerly until a bucket change frees some.
 const MAX_GRAPHS: usize = 8;
 
 /// Whether the CUDA-graph shim was compiled with CUDA (build.rs found the headers).
@@ -74,10 +75,10 @@ struct State {
 }
 
 impl State {
-    /// Drops graphs recorded against replaced or freed arena tensors (and their memory pools).
+    /// Drops graphs recorded against replaced or freed bucket tensors (and their memory pools).
     fn prune_graphs(&mut self) {
-        let generation = self.arena.generation();
-        self.graphs.retain(|k, _| k.arena_generation == generation);
+        let arena = &self.arena;
+        self.graphs.retain(|k, _| k.layout.groups.iter().zip(&k.stamps).all(|(g, &s)| arena.stamp(g.bucket) == Some(s)));
     }
 }
 
@@ -128,8 +129,8 @@ impl TorchBackend {
     fn step_locked(&self, st: &mut State, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         st.prune_graphs();
-        if let Some(first_row) = self.graph_candidate(st, seqs, all_positions) {
-            match self.step_graph(st, seqs, first_row) {
+        if let Some((grouping, key)) = self.graph_candidate(st, seqs, all_positions)? {
+            match self.step_graph(st, seqs, &grouping, key) {
                 Ok(logits) => return Ok(logits),
                 // A libtorch/CUDA fault in recording or replaying: eager decoding gives the same
                 // results, and re-running the step rewrites the same cache positions.
@@ -142,30 +143,29 @@ impl TorchBackend {
             }
         }
         let State { model, arena, .. } = st;
-        let plan = StepPlan::new(model, &self.rope, arena, seqs, all_positions, self.device, None)?;
+        let grouping = Grouping::new(arena, seqs, false)?;
+        let plan = StepPlan::new(model, &self.rope, &grouping, seqs, all_positions, self.device)?;
         let logits: Tensor = model.forward(&plan, arena)?;
         to_host(&logits)
     }
 
-    /// The first cache row when this step can run as a recorded graph: a decode step (one new
-    /// token each) over consecutive rows on CUDA, graphs enabled and working.
-    fn graph_candidate(&self, st: &State, seqs: &[SeqInput], all_positions: bool) -> Option<usize> {
+    /// The step's grouping over whole bucket spans and its graph key, when it can run as a
+    /// recorded graph: a decode step (one new token each), graphs enabled and working, and its
+    /// graph recorded already or room for one more.
+    fn graph_candidate(&self, st: &State, seqs: &[SeqInput], all_positions: bool) -> Result<Option<(Grouping, GraphKey)>> {
         if !self.use_graphs || st.graphs_failed || all_positions || seqs.iter().any(|s| s.tokens.len() != 1) {
-            return None;
+            return Ok(None);
         }
-        let consecutive = seqs.windows(2).all(|p| p[1].slot == p[0].slot + 1);
-        let first = seqs.first()?.slot;
-        let key = GraphKey { batch: seqs.len(), first_row: first, arena_generation: st.arena.generation() };
-        (consecutive && (st.graphs.contains_key(&key) || st.graphs.len() < MAX_GRAPHS)).then_some(first)
+        let grouping = Grouping::new(&st.arena, seqs, true)?;
+        let key = GraphKey { layout: grouping.layout.clone(), stamps: grouping.stamps.clone() };
+        Ok((st.graphs.contains_key(&key) || st.graphs.len() < MAX_GRAPHS).then_some((grouping, key)))
     }
 
-    fn step_graph(&self, st: &mut State, seqs: &[SeqInput], first_row: usize) -> Result<Vec<f32>> {
+    fn step_graph(&self, st: &mut State, seqs: &[SeqInput], grouping: &Grouping, key: GraphKey) -> Result<Vec<f32>> {
         let State { model, arena, graphs, .. } = st;
-        let key = GraphKey { batch: seqs.len(), first_row, arena_generation: arena.generation() };
-        let span = Some(arena.cap());
         if let Some(g) = graphs.get_mut(&key) {
-            let host = StepPlan::new(model, &self.rope, arena, seqs, false, Device::Cpu, span)?;
-            g.plan.fill_from(&host)?;
+            let mut host = StepPlan::new(model, &self.rope, grouping, seqs, false, Device::Cpu)?;
+            g.plan.fill_from(&mut host)?;
             return match &g.graph {
                 Some(graph) => {
                     graph.replay()?;
@@ -175,10 +175,7 @@ impl TorchBackend {
             };
         }
         // Fixed input buffers, filled with this step's values.
-        let plan = StepPlan::new(model, &self.rope, arena, seqs, false, self.device, span)?;
-        if plan.first_row() != Some(first_row as i64) {
-            return Err(Error::Internal("graph step on non-consecutive rows".into()));
-        }
+        let plan = StepPlan::new(model, &self.rope, grouping, seqs, false, self.device)?;
         let (Device::Cuda(index), true) = (self.device, self.record_graphs) else {
             let logits = model.forward(&plan, arena)?;
             let out = to_host(&logits)?;
