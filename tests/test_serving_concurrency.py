@@ -134,41 +134,30 @@ def _queue_then_release(gen, calls):
     return threads, results, errors
 
 
-def test_batch_size_bound_queues_the_rest(kv_model):
+@pytest.mark.parametrize(
+    "bound, calls, max_step",
+    [
+        # Two sequences at a time.
+        (dict(max_sequences=2), [_call(i, sample=False) for i in range(6)], 2),
+        # Room for one 4-token prompt + 20 new tokens at a time.
+        (dict(max_cache_tokens=30), [dict(inputs=[[4 + i, 5, 6, 7]], max_new_tokens=20) for i in range(4)], 1),
+    ],
+    ids=["max_sequences", "max_cache_tokens"],
+)
+def test_bounds_queue_the_rest(kv_model, bound, calls, max_step):
     gen = kv_model("mistral")
-    calls = [_call(i, sample=False) for i in range(6)]
     solo = [gen.generate(**c) for c in calls]
     previous = _limits(gen)
-    gen.set_scheduler_limits(max_sequences=2)
+    gen.set_scheduler_limits(**bound)
     try:
-        assert _limits(gen) == dict(previous, max_sequences=2)
+        assert _limits(gen) == dict(previous, **bound)
         threads, results, errors = _queue_then_release(gen, calls)
         _join_all(threads)
         assert not errors, errors
         for i, (got, want) in enumerate(zip(results, solo)):
-            assert got == want, f"request {i} under max_sequences=2 differs from its solo run"
-        # all 6 were waiting when the scheduler was released: bounded, and the bound was used
-        assert gen.scheduler_stats()["max_step_sequences"] == 2, gen.scheduler_stats()
-    finally:
-        gen.set_scheduler_limits(**previous)
-    assert _limits(gen) == previous
-
-
-def test_cache_bound_queues_the_rest(kv_model):
-    gen = kv_model("mistral")
-    calls = [dict(inputs=[[4 + i, 5, 6, 7]], max_new_tokens=20) for i in range(4)]
-    solo = [gen.generate(**c) for c in calls]
-    previous = _limits(gen)
-    # Room for one 4-token prompt + 20 new tokens at a time.
-    gen.set_scheduler_limits(max_cache_tokens=30)
-    try:
-        assert _limits(gen) == dict(previous, max_cache_tokens=30)
-        threads, results, errors = _queue_then_release(gen, calls)
-        _join_all(threads)
-        assert not errors, errors
-        for i, (got, want) in enumerate(zip(results, solo)):
-            assert got == want, f"request {i} under max_cache_tokens=30 differs from its solo run"
-        assert gen.scheduler_stats()["max_step_sequences"] == 1, gen.scheduler_stats()
+            assert got == want, f"request {i} under {bound} differs from its solo run"
+        # all were waiting when the scheduler was released: bounded, and the bound was used
+        assert gen.scheduler_stats()["max_step_sequences"] == max_step, gen.scheduler_stats()
     finally:
         gen.set_scheduler_limits(**previous)
     assert _limits(gen) == previous
