@@ -110,6 +110,7 @@ def guarded(server):
         elapsed = time.perf_counter() - start
         assert elapsed < 1.0, f"the answer took {elapsed:.2f} s"
         grown = server.rss() - before
+        print(f"\n  answered {r.status_code} in {elapsed * 1e3:.0f} ms, server RSS {grown / 2**20:+.1f} MB")
         assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MB"
         _normal(server)
         return r
