@@ -22,6 +22,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Optional
 
@@ -30,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from . import _kvgen
 from ._async import request_steps
 from ._openai_schema import ChatCompletionRequest, CompletionRequest, _Sampling
 from .errors import InvalidInputError, KvgenError, OverloadedError
@@ -255,6 +257,19 @@ class _Service:
         self.model_name = model_name
         self.context = int(getattr(gen.config, "max_position_embeddings", 0) or 0)
         self.limits = limits.resolved(self.context)
+        self._executor = ThreadPoolExecutor(max_workers=_TOKENIZER_THREADS, thread_name_prefix="kvgen-tokenizer")
+
+    async def off_loop(self, work: Any, *args: Any) -> Any:
+        """`work(*args)` on a tokenizer thread, memory given back after large inputs."""
+
+        def run() -> Any:
+            try:
+                return work(*args)
+            finally:
+                if _input_chars(args) > _LARGE_INPUT_CHARS:
+                    _kvgen._release_memory()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     # ---- request -> kvgen settings ----------------------------------------------------------
 
@@ -333,7 +348,7 @@ class _Service:
         return len(prompt)
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
-        """Token ids of each prompt (tokenizing runs off the event loop: see `_off_loop`)."""
+        """Token ids of each prompt (run off the event loop: see `_Service.off_loop`)."""
         tok = self.gen.tokenizer
         if isinstance(prompt, str):
             batch = [tok.encode(prompt)]
@@ -469,10 +484,25 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _off_loop(work: Any, *args: Any) -> Any:
-    """Runs tokenizer work (encode, chat template, decoding logprob pieces) on a worker thread:
-    its cost grows with the request, and the event loop must keep serving everyone else."""
-    return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+# Tokenizer work (encode, chat template, decoding logprob pieces) runs on these threads: its cost
+# grows with the request, and the event loop must keep serving everyone else. Few threads, since
+# each thread's malloc arena keeps what a huge prompt allocated (see _LARGE_INPUT_CHARS).
+_TOKENIZER_THREADS = 2
+# After tokenizing more characters than this, freed heap memory is given back to the OS.
+_LARGE_INPUT_CHARS = 1 << 16
+
+
+def _input_chars(value: Any) -> int:
+    """Characters of text in a prompt, a chat request or the arguments holding them."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return _input_chars(list(value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(_input_chars(v) for v in value)
+    if isinstance(value, ChatCompletionRequest):
+        return _input_chars([m.content for m in value.messages])
+    return 0
 
 
 def create_app(
@@ -539,7 +569,7 @@ def create_app(
         service._check_rows(service._prompt_count(body.prompt), body.n, "prompt")
         service._check_stops(body.stop)
         service._check_logprobs(body.logprobs, "logprobs")
-        prompts = await _off_loop(service._prompts, body.prompt)
+        prompts = await service.off_loop(service._prompts, body.prompt)
         job = service.job(prompts, body, body.max_tokens, body.logprobs)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": name}
@@ -564,7 +594,7 @@ def create_app(
                 for i, c in enumerate(job.choices)
             ]
 
-        return base | {"choices": await _off_loop(choices), "usage": service.usage(job)}
+        return base | {"choices": await service.off_loop(choices), "usage": service.usage(job)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
@@ -573,7 +603,7 @@ def create_app(
         service._check_rows(1, body.n, "n")
         service._check_stops(body.stop)
         service._check_logprobs(body.top_logprobs, "top_logprobs")
-        prompt = await _off_loop(service._chat_prompt, body)
+        prompt = await service.off_loop(service._chat_prompt, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         job = service.job([prompt], body, body.token_budget, top, max_param)
@@ -605,7 +635,7 @@ def create_app(
                 for i, c in enumerate(job.choices)
             ]
 
-        return base | {"object": "chat.completion", "choices": await _off_loop(choices), "usage": service.usage(job)}
+        return base | {"object": "chat.completion", "choices": await service.off_loop(choices), "usage": service.usage(job)}
 
     return app
 

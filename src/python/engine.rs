@@ -378,6 +378,13 @@ fn _debug_panic(py: Python<'_>) -> PyResult<()> {
     py.detach(|| guarded(|| -> Result<()> { panic!("deliberate panic for kvgen's tests") })).py()
 }
 
+/// Gives freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere): for the
+/// server after work that allocated much and briefly on a thread (tokenizing a huge prompt).
+#[pyfunction]
+fn _release_memory(py: Python<'_>) {
+    py.detach(crate::scheduler::trim::return_freed_memory);
+}
+
 /// Tests only: makes `point` ("admit", "step", "release") panic for work that holds token
 /// `marker` (None disarms it). Process-wide.
 #[pyfunction]
@@ -392,5 +399,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRequest>()?;
     m.add_class::<PyDoorbell>()?;
     m.add_function(wrap_pyfunction!(_debug_panic, m)?)?;
+    m.add_function(wrap_pyfunction!(_release_memory, m)?)?;
     m.add_function(wrap_pyfunction!(_arm_fault, m)?)
 }

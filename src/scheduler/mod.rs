@@ -10,7 +10,7 @@
 pub mod doorbell;
 pub mod link;
 mod stats;
-mod trim;
+pub mod trim;
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
