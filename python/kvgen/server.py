@@ -259,14 +259,18 @@ class _Service:
         self.limits = limits.resolved(self.context)
         self._executor = ThreadPoolExecutor(max_workers=_TOKENIZER_THREADS, thread_name_prefix="kvgen-tokenizer")
 
-    async def off_loop(self, work: Any, *args: Any) -> Any:
-        """`work(*args)` on a tokenizer thread, memory given back after large inputs."""
+    async def bounded(self, work: Any, *args: Any, cost: Optional[int] = None) -> Any:
+        """`work(*args)`: inline when cheap, else on a tokenizer thread (memory given back after
+        large inputs). `cost` defaults to the characters of text in `args`."""
+        cost = _input_chars(args) if cost is None else cost
+        if cost <= _INLINE_COST:
+            return work(*args)
 
         def run() -> Any:
             try:
                 return work(*args)
             finally:
-                if _input_chars(args) > _LARGE_INPUT_CHARS:
+                if cost > _LARGE_INPUT_CHARS:
                     _kvgen._release_memory()
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
@@ -348,7 +352,7 @@ class _Service:
         return len(prompt)
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
-        """Token ids of each prompt (run off the event loop: see `_Service.off_loop`)."""
+        """Token ids of each prompt (large ones off the event loop: see `_Service.bounded`)."""
         tok = self.gen.tokenizer
         if isinstance(prompt, str):
             batch = [tok.encode(prompt)]
@@ -484,10 +488,13 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-# Tokenizer work (encode, chat template, decoding logprob pieces) runs on these threads: its cost
-# grows with the request, and the event loop must keep serving everyone else. Few threads, since
-# each thread's malloc arena keeps what a huge prompt allocated (see _LARGE_INPUT_CHARS).
+# Tokenizer work (encode, chat template, decoding logprob pieces) whose cost grows with the request
+# runs on these threads, so the event loop keeps serving everyone else. Few threads, since each
+# thread's malloc arena keeps what a huge prompt allocated (see _LARGE_INPUT_CHARS).
 _TOKENIZER_THREADS = 2
+# Work up to this many characters (or decoded tokens) runs inline: tens of microseconds, less than
+# the hop to a thread, and a request submitted at once joins the scheduler's next step.
+_INLINE_COST = 4096
 # After tokenizing more characters than this, freed heap memory is given back to the OS.
 _LARGE_INPUT_CHARS = 1 << 16
 
@@ -569,7 +576,7 @@ def create_app(
         service._check_rows(service._prompt_count(body.prompt), body.n, "prompt")
         service._check_stops(body.stop)
         service._check_logprobs(body.logprobs, "logprobs")
-        prompts = await service.off_loop(service._prompts, body.prompt)
+        prompts = await service.bounded(service._prompts, body.prompt)
         job = service.job(prompts, body, body.max_tokens, body.logprobs)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": name}
@@ -594,7 +601,8 @@ def create_app(
                 for i, c in enumerate(job.choices)
             ]
 
-        return base | {"choices": await service.off_loop(choices), "usage": service.usage(job)}
+        pieces = 0 if body.logprobs is None else service.usage(job)["completion_tokens"] * (body.logprobs + 1)
+        return base | {"choices": await service.bounded(choices, cost=pieces), "usage": service.usage(job)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
@@ -603,7 +611,7 @@ def create_app(
         service._check_rows(1, body.n, "n")
         service._check_stops(body.stop)
         service._check_logprobs(body.top_logprobs, "top_logprobs")
-        prompt = await service.off_loop(service._chat_prompt, body)
+        prompt = await service.bounded(service._chat_prompt, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         job = service.job([prompt], body, body.token_budget, top, max_param)
@@ -635,7 +643,9 @@ def create_app(
                 for i, c in enumerate(job.choices)
             ]
 
-        return base | {"object": "chat.completion", "choices": await service.off_loop(choices), "usage": service.usage(job)}
+        pieces = service.usage(job)["completion_tokens"] * ((body.top_logprobs or 0) + 1) if body.logprobs else 0
+        choices_out = await service.bounded(choices, cost=pieces)
+        return base | {"object": "chat.completion", "choices": choices_out, "usage": service.usage(job)}
 
     return app
 

@@ -31,7 +31,12 @@ fn upload(data: &Data, shape: &[i64], kind: Kind, device: Device) -> Result<Tens
         Data::F16(b) => Tensor::f_from_data_size(bytes_of(b), shape, Kind::Half),
         // The loader dequantizes for every dtype but "auto" on GGUF, which the engine never
         // hands to this backend; dequantizing here keeps that an efficiency matter, not a fault.
-        Data::Quant { .. } => Tensor::f_from_slice(&data.to_f32_vec()).and_then(|t| t.f_reshape(shape)),
+        Data::Quant { .. } => {
+            let values = data.try_to_f32_vec().map_err(|e| {
+                e.into_error("dequantizing a weight for the torch backend", "load the model with less memory in use")
+            })?;
+            Tensor::f_from_slice(&values).and_then(|t| t.f_reshape(shape))
+        }
     }
     .map_err(tch_err)?;
     host.f_to_device(device).and_then(|t| t.f_to_kind(kind)).map_err(tch_err)
