@@ -90,3 +90,19 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 }
+
+/// Runs `work`, turning a panic into `Error::Internal("{what}: {panic message}")`: the one place a
+/// panic payload becomes an error (the scheduler's guards, the Python boundary).
+pub fn catch_panic<T>(what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|payload| Err(Error::Internal(format!("{what}: {}", panic_message(payload.as_ref())))))
+}
+
+/// The text a panic was raised with.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}

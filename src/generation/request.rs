@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::stopping::{DecodeFn, StopStrings};
 use super::{GenerationOutput, GenerationParams, Prompt};
 use crate::error::{Error, Result};
+use crate::mem;
 use crate::sampling::logprobs::token_logprobs;
 use crate::sampling::processors::{LogitsProcessor, RowContext};
 use crate::sampling::sample::{self, RowRng};
@@ -18,22 +19,10 @@ use crate::sampling;
 /// New-token capacity reserved up front per row; more is allocated only as tokens arrive.
 const INITIAL_TOKEN_CAPACITY: usize = 256;
 
-fn too_large(rows: usize, vocab: usize) -> Error {
-    Error::out_of_memory(format!(
-        "the score buffer of {rows} rows x {vocab} vocabulary entries cannot be reserved; send fewer rows at once"
-    ))
-}
-
 /// A copy of a step's scores for the caller (output_scores/output_logits), or OutOfMemory.
 fn copy_of(scores: &[f32]) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(scores.len()).map_err(|_| {
-        Error::out_of_memory(format!(
-            "keeping one more step of scores ({} floats) failed: memory is exhausted; lower max_new_tokens or drop \
-             output_scores/output_logits",
-            scores.len()
-        ))
-    })?;
+    let mut v = mem::try_with_capacity(scores.len())
+        .map_err(|e| e.into_error("keeping one more step of scores", "lower max_new_tokens or drop output_scores/output_logits"))?;
     v.extend_from_slice(scores);
     Ok(v)
 }
@@ -154,14 +143,13 @@ impl Request {
     /// Reserves the per-step working buffers (batch x vocab scores). The scheduler calls it at
     /// admission; failing to reserve is an error, never an abort.
     pub fn reserve_buffers(&mut self) -> Result<()> {
-        let rows = self.rows();
-        let len = rows.checked_mul(self.vocab).ok_or_else(|| too_large(rows, self.vocab))?;
-        if self.step_logits.len() == len {
+        let (rows, vocab) = (self.rows(), self.vocab);
+        if self.step_logits.len() == rows.saturating_mul(vocab) {
             return Ok(());
         }
-        self.step_logits = Vec::new();
-        self.step_logits.try_reserve_exact(len).map_err(|_| too_large(rows, self.vocab))?;
-        self.step_logits.resize(len, 0.0);
+        let what = format!("the score buffer of {rows} rows x {vocab} vocabulary entries");
+        self.step_logits = mem::try_zeroed(rows.saturating_mul(vocab))
+            .map_err(|e| e.into_error(&what, "send fewer rows at once"))?;
         Ok(())
     }
 

@@ -347,16 +347,9 @@ impl PyEngine {
                     .map(|(p, s)| SeqInput { slot: s.slot, tokens: &p.tokens, start_pos: 0 })
                     .collect();
                 let packed = backend.step(&seqs, true)?;
-                let len = batch.checked_mul(seq).and_then(|n| n.checked_mul(vocab));
-                let mut full: Vec<f32> = Vec::new();
-                len.and_then(|n| full.try_reserve_exact(n).ok().map(|_| n))
-                    .map(|n| full.resize(n, 0.0))
-                    .ok_or_else(|| {
-                        Error::out_of_memory(format!(
-                            "the logits of {batch} x {seq} positions x {vocab} vocabulary entries do not fit in memory; \
-                             pass fewer or shorter rows"
-                        ))
-                    })?;
+                let what = format!("the logits of {batch} x {seq} positions x {vocab} vocabulary entries");
+                let mut full = crate::mem::try_zeroed::<f32>(batch.saturating_mul(seq).saturating_mul(vocab))
+                    .map_err(|e| e.into_error(&what, "pass fewer or shorter rows"))?;
                 let mut src = 0;
                 for (r, mask) in valid.iter().enumerate() {
                     for (c, _) in mask.iter().enumerate().filter(|(_, &v)| v) {
@@ -385,7 +378,7 @@ fn _release_memory(py: Python<'_>) {
     py.detach(crate::scheduler::trim::return_freed_memory);
 }
 
-/// Tests only: makes `point` ("admit", "step", "release") panic for work that holds token
+/// Tests only: makes `point` ("admit", "step", "release", "loop") panic for work that holds token
 /// `marker` (None disarms it). Process-wide.
 #[pyfunction]
 #[pyo3(signature = (point, marker = None))]

@@ -56,15 +56,5 @@ impl<T> IntoPyResult<T> for crate::error::Result<T> {
 /// Runs Rust work so that a panic becomes `Error::Internal` (an `InternalError` in Python) rather
 /// than a `PanicException`, which `except Exception` would not catch.
 pub fn guarded<T>(work: impl FnOnce() -> crate::error::Result<T>) -> crate::error::Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
-        Ok(result) => result,
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(Error::Internal(format!("a Rust panic was caught: {what}")))
-        }
-    }
+    crate::error::catch_panic("a Rust panic was caught", work)
 }

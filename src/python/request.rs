@@ -1,5 +1,5 @@
 //! `kvgen._kvgen.Request`: one submitted generation, seen from Python. Blocking waits release
-//! the GIL; async callers watch `fileno()` with the event loop and `poll()` without blocking.
+//! the GIL; async callers watch their event loop's `Doorbell` and `poll()` without blocking.
 //! Dropping the object (or `cancel()`) cancels the generation and frees its cache slots.
 
 use std::sync::Arc;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rayon::prelude::*;
 
 use crate::backend::{Backend, SeqInput, SlotId};
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, panic_message, Error, Result};
 use crate::faults::{self, FaultPoint};
 use crate::generation::{GenerationOutput, Request};
 pub use doorbell::Doorbell;
@@ -48,22 +48,6 @@ impl Default for Limits {
     }
 }
 
-/// "1.5 GiB"-style sizes for messages.
-fn human_bytes(bytes: u128) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// Whether `request` can ever run within `limits` (alone); the error names the bound and the fix.
 fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize) -> Result<()> {
     let rows = request.rows();
@@ -77,7 +61,7 @@ fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize) -> 
     }
     let positions = request.cache_positions();
     if positions > limits.max_cache_positions {
-        let bytes = |n: usize| human_bytes(n as u128 * bytes_per_position as u128);
+        let bytes = |n: usize| crate::mem::format_bytes(n.saturating_mul(bytes_per_position));
         return Err(Error::invalid(format!(
             "this request needs {positions} KV-cache positions ({rows} rows x prompt + max_new_tokens; {}) but the \
              scheduler's cache budget is max_cache_tokens={} ({}); lower max_new_tokens, the prompt length or the \
@@ -88,14 +72,6 @@ fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize) -> 
         )));
     }
     Ok(())
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 /// A cache slot that goes back to the backend when dropped (finish, error, cancel). A panic in
@@ -351,13 +327,8 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.shared.alive.store(false, Ordering::Release);
         let incoming: Vec<Waiting> = self.shared.queue().incoming.drain(..).collect();
-        let message = "the scheduler stopped before this request could finish";
-        for w in incoming.into_iter().chain(self.waiting.drain(..)) {
-            w.answer.send(Err(Error::Internal(message.into())));
-        }
-        for r in self.running.drain(..) {
-            r.answer.send(Err(Error::Internal(message.into())));
-        }
+        self.waiting.extend(incoming);
+        self.fail_all("the scheduler stopped before this request could finish");
     }
 }
 
@@ -371,20 +342,25 @@ impl Worker {
                 Ok(false) => return,
                 Err(payload) => {
                     self.shared.stats.internal_fault();
-                    let message = format!(
+                    self.fail_all(&format!(
                         "the scheduler caught an internal fault ({}) and stopped the requests in flight; the \
                          generator keeps serving (please report this)",
                         panic_message(payload.as_ref())
-                    );
-                    for w in self.waiting.drain(..) {
-                        w.answer.send(Err(Error::Internal(message.clone())));
-                    }
-                    for r in std::mem::take(&mut self.running) {
-                        self.finish(r, Err(Error::Internal(message.clone())));
-                    }
+                    ));
                     self.publish();
                 }
             }
+        }
+    }
+
+    /// Answers every waiting and running request with `Error::Internal(message)`, running ones
+    /// after their slots are free.
+    fn fail_all(&mut self, message: &str) {
+        for w in self.waiting.drain(..) {
+            w.answer.send(Err(Error::Internal(message.into())));
+        }
+        for r in std::mem::take(&mut self.running) {
+            self.finish(r, Err(Error::Internal(message.into())));
         }
     }
 
@@ -397,12 +373,7 @@ impl Worker {
                 self.waiting.extend(queue.incoming.drain(..));
                 self.drop_cancelled();
                 if queue.shutdown {
-                    for w in self.waiting.drain(..) {
-                        w.answer.send(Err(Error::Internal("the engine shut down".into())));
-                    }
-                    for r in std::mem::take(&mut self.running) {
-                        self.finish(r, Err(Error::Internal("the engine shut down".into())));
-                    }
+                    self.fail_all("the engine shut down");
                     return false;
                 }
                 if queue.pause_at_step.is_some_and(|at| self.shared.stats.steps() >= at) {
@@ -459,9 +430,7 @@ impl Worker {
             }
             let Some(Waiting { mut request, answer, _queued }) = self.waiting.pop_front() else { break };
             drop(_queued);
-            let started = catch_unwind(AssertUnwindSafe(|| self.reserve(&mut request)))
-                .unwrap_or_else(|p| Err(Error::Internal(format!("a panic while admitting the request: {}", panic_message(p.as_ref())))));
-            match started {
+            match catch_panic("a panic while admitting the request", || self.reserve(&mut request)) {
                 Ok(slots) => {
                     rows += need_rows;
                     positions += need_positions;
@@ -520,9 +489,7 @@ impl Worker {
             .zip(outcomes)
             .map(|(r, logits)| {
                 let logits = logits?;
-                catch_unwind(AssertUnwindSafe(|| r.request.advance(&logits))).unwrap_or_else(|p| {
-                    Err(Error::Internal(format!("a panic while processing a step: {}", panic_message(p.as_ref()))))
-                })
+                catch_panic("a panic while processing a step", || r.request.advance(&logits))
             })
             .collect();
         for (r, outcome) in std::mem::take(&mut self.running).into_iter().zip(advanced) {
@@ -556,9 +523,7 @@ impl Worker {
                 })
             })
             .collect();
-        catch_unwind(AssertUnwindSafe(|| self.backend.step(&seqs, false))).unwrap_or_else(|p| {
-            Err(Error::Internal(format!("a panic in the backend step: {}", panic_message(p.as_ref()))))
-        })
+        catch_panic("a panic in the backend step", || self.backend.step(&seqs, false))
     }
 
     fn drop_cancelled(&mut self) {

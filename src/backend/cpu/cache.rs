@@ -1,7 +1,7 @@
 //! A preallocated per-sequence KV cache: per layer, keys and values as [kv_head][position][head_dim].
 
-use crate::error::{Error, Result};
-use crate::mem;
+use crate::error::Result;
+use crate::mem::{self, AllocFailed};
 
 pub struct KvCache {
     n_kv_heads: usize,
@@ -20,23 +20,19 @@ impl KvCache {
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self> {
         let layer_stride = n_kv_heads.checked_mul(capacity).and_then(|x| x.checked_mul(head_dim));
         let per_tensor = layer_stride.and_then(|s| s.checked_mul(n_layers));
-        let too_big = |bytes: Option<usize>| {
-            let need = match bytes {
-                Some(b) => mem::format_bytes(b),
-                None => "more bytes than this machine can address".to_string(),
-            };
-            Error::out_of_memory(format!(
-                "the KV cache for {capacity} positions needs {need}, which cannot be reserved; lower max_new_tokens / \
-                 the batch size / set_scheduler_limits(max_cache_tokens=...)"
-            ))
-        };
         // Keys and values: two buffers of `per_tensor` f32 each.
         let total_bytes = per_tensor.and_then(|n| n.checked_mul(2 * std::mem::size_of::<f32>()));
-        let (Some(layer_stride), Some(n)) = (layer_stride, per_tensor) else {
-            return Err(too_big(total_bytes));
+        let too_big = || {
+            AllocFailed { bytes: total_bytes }.into_error(
+                &format!("the KV cache for {capacity} positions"),
+                "lower max_new_tokens / the batch size / set_scheduler_limits(max_cache_tokens=...)",
+            )
         };
-        let k = mem::try_zeroed::<f32>(n).map_err(|_| too_big(total_bytes))?;
-        let v = mem::try_zeroed::<f32>(n).map_err(|_| too_big(total_bytes))?;
+        let (Some(layer_stride), Some(n)) = (layer_stride, per_tensor) else {
+            return Err(too_big());
+        };
+        let k = mem::try_zeroed::<f32>(n).map_err(|_| too_big())?;
+        let v = mem::try_zeroed::<f32>(n).map_err(|_| too_big())?;
         Ok(KvCache { n_kv_heads, head_dim, capacity, layer_stride, k, v, len: 0 })
     }
 
@@ -76,6 +72,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     #[test]
     fn huge_capacity_is_an_error_not_an_abort() {

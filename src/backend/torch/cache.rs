@@ -334,9 +334,9 @@ fn alloc_error(e: tch::TchError, bytes: usize) -> Error {
     if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate memory") {
         let first = msg.lines().next().unwrap_or_default().trim();
         return Error::out_of_memory(format!(
-            "could not allocate {:.1} MiB of KV cache on the device ({first}); lower the batch size, \
+            "could not allocate {} of KV cache on the device ({first}); lower the batch size, \
              max_new_tokens or the scheduler's max_cache_tokens",
-            bytes as f64 / (1u64 << 20) as f64
+            crate::mem::format_bytes(bytes)
         ));
     }
     Error::Backend(format!("could not allocate the KV cache on the device ({msg})"))

@@ -54,16 +54,18 @@ pub fn gguf_name(hf: &str) -> Option<(String, Permuted)> {
     Some((format!("blk.{layer}.{g}"), perm))
 }
 
-/// Undoes llama.cpp's `permute(w, n_head)` on the leading (row) axis: `rows` rows of `cols`
-/// values each, grouped per head as (2, dim/2) -> (dim/2, 2) interleaved; as transformers'
-/// `LlamaTensorProcessor._reverse_permute_weights` (reshape(n_head, dim, 2, ...).swapaxes(1, 2)).
+/// `reverse_permute_into` a new buffer (tests).
+#[cfg(test)]
 pub fn reverse_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
     let mut out = vec![0f32; w.len()];
     reverse_permute_into(w, rows, cols, n_head, &mut out)?;
     Some(out)
 }
 
-/// `reverse_permute` into a caller's buffer of `w.len()` values (loaders reserve it fallibly).
+/// Undoes llama.cpp's `permute(w, n_head)` on the leading (row) axis: `rows` rows of `cols`
+/// values each, grouped per head as (2, dim/2) -> (dim/2, 2) interleaved; as transformers'
+/// `LlamaTensorProcessor._reverse_permute_weights` (reshape(n_head, dim, 2, ...).swapaxes(1, 2)).
+/// Writes into a caller's buffer of `w.len()` values (loaders reserve it fallibly).
 pub fn reverse_permute_into(w: &[f32], rows: usize, cols: usize, n_head: usize, out: &mut [f32]) -> Option<()> {
     let heads2 = n_head.checked_mul(2).filter(|&x| x != 0)?;
     if rows % heads2 != 0 || rows.checked_mul(cols) != Some(w.len()) || out.len() != w.len() {
