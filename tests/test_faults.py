@@ -4,10 +4,9 @@ should, with kvgen.InternalError, and the generator keeps serving with its slots
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
+
+from scheduler_helpers import join_all, queue_then_release, run_threads, wait_for
 
 KIND = "llama"
 # A token no other test prompt uses: the fault fires only for work that holds it.
@@ -40,36 +39,8 @@ def _poisoned() -> dict:
     return dict(inputs=[[5, MARKER, 6]], max_new_tokens=12, min_new_tokens=12)
 
 
-def _run(gen, calls: list[dict]) -> tuple[list, list[threading.Thread]]:
-    outcomes: list = [None] * len(calls)
-
-    def work(i: int) -> None:
-        try:
-            outcomes[i] = gen.generate(**calls[i])
-        except BaseException as e:  # reported by the test
-            outcomes[i] = e
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    return outcomes, threads
-
-
-def _join(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a caller is still waiting"
-
-
-def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
 def _assert_serving(gen, kvgen) -> None:
-    _wait_for(lambda: gen.scheduler_stats()["running_sequences"] == 0, "the slots to be free")
+    wait_for(lambda: gen.scheduler_stats()["running_sequences"] == 0, "the slots to be free")
     assert gen.generate(**_call(0)) == gen.generate(**_call(0))
 
 
@@ -80,17 +51,11 @@ def test_a_fault_in_one_request_fails_only_that_request(gen, kvgen, arm, point):
     calls = [_call(i) for i in range(3)]
     solo = [gen.generate(**c) for c in calls]
     arm(point)
-    engine = gen._engine
-    engine._pause_scheduler(True)
-    try:
-        outcomes, threads = _run(gen, calls + [_poisoned()])
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 4, "4 queued requests")
-    finally:
-        engine._pause_scheduler(False)
-    _join(threads)
-    assert isinstance(outcomes[3], kvgen.InternalError), outcomes[3]
-    assert "injected fault" in str(outcomes[3])
-    assert outcomes[:3] == solo
+    threads, results, errors = queue_then_release(gen, calls + [_poisoned()])
+    join_all(threads)
+    assert isinstance(errors.get(3), kvgen.InternalError), errors
+    assert "injected fault" in str(errors[3])
+    assert results[:3] == solo
     _assert_serving(gen, kvgen)
 
 
@@ -103,19 +68,19 @@ def test_a_fault_in_a_decode_step_of_a_mixed_batch(gen, kvgen, arm):
     engine = gen._engine
     engine._pause_scheduler(True)
     try:
-        outcomes, threads = _run(gen, calls)
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 2, "2 queued requests")
+        threads, results, _ = run_threads(gen, calls)
+        wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 2, "2 queued requests")
         steps = gen.scheduler_stats()["steps"]
         engine._pause_scheduler(True, after_steps=3)  # both prefill together, then decode twice
-        _wait_for(lambda: gen.scheduler_stats()["steps"] == steps + 3, "3 steps")
+        wait_for(lambda: gen.scheduler_stats()["steps"] == steps + 3, "3 steps")
         assert gen.scheduler_stats()["running_requests"] == 2
-        bad, bad_threads = _run(gen, [_poisoned()])
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 1, "the poisoned request queued")
+        bad_threads, _, bad_errors = run_threads(gen, [_poisoned()])
+        wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 1, "the poisoned request queued")
     finally:
         engine._pause_scheduler(False)
-    _join(threads + bad_threads)
-    assert isinstance(bad[0], kvgen.InternalError), bad[0]
-    assert outcomes == solo
+    join_all(threads + bad_threads)
+    assert isinstance(bad_errors.get(0), kvgen.InternalError), bad_errors
+    assert results == solo
     _assert_serving(gen, kvgen)
 
 
@@ -124,10 +89,10 @@ def test_a_fault_in_release_is_contained(gen, kvgen, arm):
     solo = [gen.generate(**c) for c in calls + [_poisoned()]]
     faults = gen.scheduler_stats()["internal_faults"]
     arm("release")
-    outcomes, threads = _run(gen, calls + [_poisoned()])
-    _join(threads)
+    threads, results, errors = run_threads(gen, calls + [_poisoned()])
+    join_all(threads)
     # The generation itself had finished: its caller gets it; the fault is counted.
-    assert outcomes == solo
+    assert not errors and results == solo, errors
     assert gen.scheduler_stats()["internal_faults"] == faults + 1
     _assert_serving(gen, kvgen)
 
@@ -135,10 +100,10 @@ def test_a_fault_in_release_is_contained(gen, kvgen, arm):
 def test_a_fault_in_the_loop_fails_the_requests_in_flight_and_the_worker_carries_on(gen, kvgen, arm):
     faults = gen.scheduler_stats()["internal_faults"]
     arm("loop")
-    outcomes, threads = _run(gen, [_call(1), _poisoned()])
-    _join(threads)
-    assert isinstance(outcomes[1], kvgen.InternalError), outcomes[1]
-    assert "internal fault" in str(outcomes[1])
+    threads, _, errors = run_threads(gen, [_call(1), _poisoned()])
+    join_all(threads)
+    assert isinstance(errors.get(1), kvgen.InternalError), errors
+    assert "internal fault" in str(errors[1])
     assert gen.scheduler_stats()["internal_faults"] > faults
     kvgen._kvgen._arm_fault("loop", None)
     _assert_serving(gen, kvgen)

@@ -4,22 +4,12 @@ requests that arrive mid-generation join the running batch; the bounds queue the
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
+from scheduler_helpers import join_all, queue_then_release, run_threads, wait_for
+
 THREADS = 16
-
-
-def _wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _call(i: int, sample: bool) -> dict:
@@ -31,39 +21,15 @@ def _call(i: int, sample: bool) -> dict:
     return dict(inputs=[prompt], **kw)
 
 
-def _run_threads(gen, calls):
-    results = [None] * len(calls)
-    errors = []
-
-    def work(i):
-        try:
-            results[i] = gen.generate(**calls[i])
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    return threads, results, errors
-
-
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_16_threads_get_their_solo_tokens_in_shared_steps(kv_model, kind, sample):
     gen = kv_model(kind)
     calls = [_call(i, sample) for i in range(THREADS)]
     solo = [gen.generate(**c) for c in calls]
-    engine = gen._engine
-    engine.reset_scheduler_peaks()
     # Hold the scheduler until all 16 requests are queued, so they provably share steps.
-    engine._pause_scheduler(True)
-    try:
-        threads, results, errors = _run_threads(gen, calls)
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == THREADS, what="16 queued requests")
-    finally:
-        engine._pause_scheduler(False)
-    for t in threads:
-        t.join(30)
+    threads, results, errors = queue_then_release(gen, calls)
+    join_all(threads)
     assert not errors, errors
     for i, (got, want) in enumerate(zip(results, solo)):
         assert got == want, f"request {i} differs under concurrency"
@@ -77,7 +43,7 @@ def test_free_running_threads_match_solo(kv_model):
     gen = kv_model("llama")
     calls = [_call(i, sample=i % 2 == 1) for i in range(THREADS)]
     solo = [gen.generate(**c) for c in calls]
-    threads, results, errors = _run_threads(gen, calls)
+    threads, results, errors = run_threads(gen, calls)
     for t in threads:
         t.join(30)
     assert not errors, errors
@@ -94,15 +60,15 @@ def test_request_joins_a_running_batch_with_its_prefill(kv_model):
     steps_before = gen.scheduler_stats()["steps"]
     # Let the long request run 5 steps, then hold it mid-generation.
     engine._pause_scheduler(True, 5)
-    threads, results, errors = _run_threads(gen, [long_call])
-    _wait_for(lambda: gen.scheduler_stats()["steps"] == steps_before + 5, what="5 steps")
+    threads, results, errors = run_threads(gen, [long_call])
+    wait_for(lambda: gen.scheduler_stats()["steps"] == steps_before + 5, what="5 steps")
     assert gen.scheduler_stats()["running_requests"] == 1
-    late_threads, late_results, late_errors = _run_threads(gen, [late_call])
-    _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 1, what="the late request queued")
+    late_threads, late_results, late_errors = run_threads(gen, [late_call])
+    wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 1, what="the late request queued")
     engine._pause_scheduler(False)
     for t in threads + late_threads:
         t.join(30)
-    assert not errors and not late_errors, errors + late_errors
+    assert not errors and not late_errors, errors | late_errors
     assert results[0] == solo_long and late_results[0] == solo_late
     stats = gen.scheduler_stats()
     assert stats["mixed_steps"] >= 1, stats  # the late prefill ran in the same step as decode
@@ -112,26 +78,6 @@ def test_request_joins_a_running_batch_with_its_prefill(kv_model):
 def _limits(gen) -> dict:
     stats = gen.scheduler_stats()
     return dict(max_sequences=stats["max_sequences"], max_cache_tokens=stats["max_cache_tokens"])
-
-
-def _join_all(threads, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), f"a request did not finish within {timeout:.0f} s"
-
-
-def _queue_then_release(gen, calls):
-    """Starts one thread per call with the scheduler held until all of them are queued, so the
-    scheduler's bounds (not thread timing) decide how many run together."""
-    gen._engine.reset_scheduler_peaks()
-    gen._engine._pause_scheduler(True)
-    try:
-        threads, results, errors = _run_threads(gen, calls)
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == len(calls), what=f"{len(calls)} queued requests")
-    finally:
-        gen._engine._pause_scheduler(False)
-    return threads, results, errors
 
 
 @pytest.mark.parametrize(
@@ -151,8 +97,8 @@ def test_bounds_queue_the_rest(kv_model, bound, calls, max_step):
     gen.set_scheduler_limits(**bound)
     try:
         assert _limits(gen) == dict(previous, **bound)
-        threads, results, errors = _queue_then_release(gen, calls)
-        _join_all(threads)
+        threads, results, errors = queue_then_release(gen, calls)
+        join_all(threads)
         assert not errors, errors
         for i, (got, want) in enumerate(zip(results, solo)):
             assert got == want, f"request {i} under {bound} differs from its solo run"
@@ -169,7 +115,7 @@ def test_scores_and_batches_through_the_scheduler(kv_model):
     ids = np.array([[1, 5, 6, 7], [8, 9, 10, 11]])
     kw = dict(max_new_tokens=6, return_dict_in_generate=True, output_scores=True, output_logits=True)
     alone = gen.generate(ids, **kw)
-    threads, results, errors = _run_threads(gen, [dict(inputs=ids, **kw)] + [_call(i, True) for i in range(6)])
+    threads, results, errors = run_threads(gen, [dict(inputs=ids, **kw)] + [_call(i, True) for i in range(6)])
     for t in threads:
         t.join(30)
     assert not errors

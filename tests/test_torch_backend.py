@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import kvgen
+from scheduler_helpers import join_all, queue_then_release, run_threads, wait_for
 from tiny_models import (
     ALL_KINDS,
     LONG_TEXT,
@@ -258,38 +257,14 @@ def long_context_dir(model_dir, tmp_path_factory):
     return dst
 
 
+def _join(threads, errors):
+    join_all(threads, timeout=120)
+    assert not errors, errors
+
+
 def _greedy(prompt, n):
     # min_new_tokens: every request runs exactly n steps (no early eos), so the timeline is known.
     return dict(inputs=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
-def _wait_for(predicate, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def _start(gen, calls):
-    results, errors = [None] * len(calls), []
-
-    def work(i):
-        try:
-            results[i] = gen.generate(**calls[i])
-        except BaseException as e:  # reported by the caller
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    return threads, results, errors
-
-
-def _join(threads, errors):
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
 
 
 def test_long_request_gives_its_cache_back_while_short_ones_run(long_context_dir):
@@ -311,20 +286,20 @@ def test_long_request_gives_its_cache_back_while_short_ones_run(long_context_dir
         return s["steps"] == steps0 + steps and s["running_requests"] == running
 
     engine._pause_scheduler(True, 590)
-    long_threads, long_results, long_errors = _start(gen, [long_call])
+    long_threads, long_results, long_errors = run_threads(gen, [long_call])
     try:
-        _wait_for(lambda: reached(590, 1), "the long request's first 590 steps")
+        wait_for(lambda: reached(590, 1), "the long request's first 590 steps", timeout=60)
         assert gen.scheduler_stats()["cache_bytes_reserved"] >= 604 * per_pos
-        short_threads, short_results, short_errors = _start(gen, short_calls)
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 6, "the short requests queued")
+        short_threads, short_results, short_errors = run_threads(gen, short_calls)
+        wait_for(lambda: gen.scheduler_stats()["queued_requests"] == 6, "the short requests queued", timeout=60)
         # Their prefill joins the long request's decode; then one decode step of all seven.
         engine._pause_scheduler(True, 2)
-        _wait_for(lambda: reached(592, 7), "seven requests running")
+        wait_for(lambda: reached(592, 7), "seven requests running", timeout=60)
         both = gen.scheduler_stats()["cache_bytes_reserved"]
         assert both >= (604 + 6 * 43) * per_pos, both / per_pos
         # The long request ends at step 600; the short ones have 28 steps to go at 602.
         engine._pause_scheduler(True, 10)
-        _wait_for(lambda: reached(602, 6), "the long request finished, six short ones running")
+        wait_for(lambda: reached(602, 6), "the long request finished, six short ones running", timeout=60)
         busy = gen.scheduler_stats()["cache_bytes_reserved"]
         assert 6 * BUCKET * per_pos <= busy <= 2 * 6 * BUCKET * per_pos, (
             f"{busy / per_pos:.0f} positions reserved for 6 rows of {BUCKET}: the long request's memory was not given back"
@@ -361,14 +336,7 @@ def test_mixed_bucket_batch_matches_solo(graphs, long_context_dir, monkeypatch, 
         _greedy([[24, 25, 26], [27, 28, 29]], 40),  # 256, two rows
     ]
     solo = [gen.generate(**c) for c in calls]
-    engine = gen._engine
-    engine.reset_scheduler_peaks()
-    engine._pause_scheduler(True)
-    try:
-        threads, results, errors = _start(gen, calls)
-        _wait_for(lambda: gen.scheduler_stats()["queued_requests"] == len(calls), "all requests queued")
-    finally:
-        engine._pause_scheduler(False)
+    threads, results, errors = queue_then_release(gen, calls, timeout=60)
     _join(threads, errors)
     for i, (got, want) in enumerate(zip(results, solo)):
         assert got == want, f"request {i} (max_new_tokens={calls[i]['max_new_tokens']}) differs from its solo run"
