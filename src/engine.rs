@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::backend::{cpu::CpuBackend, select, select::Target, Backend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::{LlamaModel, LlamaWeights};
+use crate::model::llama::LlamaWeights;
+use crate::model::tp::TpPlan;
 use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{gguf::GgufSource, safetensors::SafetensorsSource, TensorSource};
@@ -38,19 +39,28 @@ impl Engine {
     /// Loads a model directory, a .gguf file or a cached hub id; `progress(done, total)` reports
     /// the weights loaded so far.
     pub fn load(name: &str, device: &str, dtype: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
-        Self::load_on(name, device, "auto", dtype, progress)
+        Self::load_on(name, device, "auto", dtype, 1, progress)
     }
 
-    /// `load` with an explicit backend: "auto" (native on CPU, torch on CUDA), "native" or "torch".
+    /// `load` with an explicit backend ("auto": native on CPU, torch on CUDA; "native"; "torch")
+    /// and `tp_degree` tensor-parallel ranks (the native backend; the torch backend has one).
     pub fn load_on(
         name: &str,
         device: &str,
         backend: &str,
         dtype: &str,
+        tp_degree: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Engine> {
         let dtype = parse_dtype(dtype)?;
         let target = select::choose(device, backend)?;
+        let target = LoadTarget { target, tp_degree };
+        if tp_degree != 1 && target.target != Target::Native {
+            return Err(Error::invalid(format!(
+                "tp_degree={tp_degree} is not supported by the torch backend yet (one device per model; multi-GPU \
+                 tensor parallelism comes later); use tp_degree=1, or the native CPU backend (backend=\"native\")"
+            )));
+        }
         let path = crate::resolve::resolve_model(name)?;
         if path.is_file() {
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -84,7 +94,7 @@ impl Engine {
     fn load_gguf(
         path: &Path,
         dtype: Option<DType>,
-        target: &Target,
+        target: &LoadTarget,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Engine> {
         let source = GgufSource::open(path)?;
@@ -92,15 +102,16 @@ impl Engine {
         let generation_config = crate::weights::gguf::generation_config_json(&raw);
         // Bounded before any weight or tokenizer buffer is sized from it.
         let config = crate::weights::gguf::model_config(&source.file, raw)?;
+        let plan = TpPlan::new(&config, target.tp_degree)?;
         // "auto" keeps the quantized blocks and computes on them; an explicit dtype dequantizes.
         // Only the native kernels compute on blocks: the torch backend gets them dequantized.
-        let quantized = dtype.is_none() && *target == Target::Native;
+        let quantized = dtype.is_none() && target.target == Target::Native;
         let dtype = dtype.unwrap_or(DType::F32);
         let source = if quantized { source.keeping_quantized() } else { source };
         // The one place GGUF weights become matrices: quantized ones kept when `source` keeps
         // them (`Data::Quant` counts as F32, so it passes through), the rest dequantized to `dtype`.
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let backend = make_backend(target, &config, weights, dtype)?;
+        let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
         let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
     }
@@ -108,7 +119,7 @@ impl Engine {
     fn load_dir(
         dir: &Path,
         dtype: Option<DType>,
-        target: &Target,
+        target: &LoadTarget,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Engine> {
         let config_path = dir.join("config.json");
@@ -119,10 +130,11 @@ impl Engine {
             });
         }
         let config = ModelConfig::from_file(&config_path)?;
+        let plan = TpPlan::new(&config, target.tp_degree)?;
         let source = SafetensorsSource::open_dir(dir)?;
         let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let backend = make_backend(target, &config, weights, dtype)?;
+        let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Arc::new(Tokenizer::from_dir(dir)?))
         } else {
@@ -139,17 +151,35 @@ impl Engine {
     }
 }
 
-/// The backend for `target`, owning `weights` (the torch backend moves them to its device).
-fn make_backend(target: &Target, config: &ModelConfig, weights: LlamaWeights, dtype: DType) -> Result<Arc<dyn Backend>> {
+/// Where a model loads: the backend and its tensor-parallel degree (checked against the config
+/// before any weight is read).
+struct LoadTarget {
+    target: Target,
+    tp_degree: usize,
+}
+
+/// The backend for `target`, owning `weights` sharded by `plan` (the torch backend moves them to
+/// its device).
+fn make_backend(
+    target: &Target,
+    config: &ModelConfig,
+    plan: &TpPlan,
+    weights: LlamaWeights,
+    dtype: DType,
+) -> Result<Arc<dyn Backend>> {
+    let shards = plan.shard(config, weights)?;
     match target {
-        Target::Native => Ok(Arc::new(CpuBackend::new(Arc::new(LlamaModel::new(config.clone(), weights))))),
+        Target::Native => Ok(Arc::new(CpuBackend::new(config, plan.shapes.clone(), shards)?)),
         #[cfg(feature = "torch")]
         Target::Torch { device } => {
-            Ok(Arc::new(crate::backend::torch::TorchBackend::new(config.clone(), weights, device, dtype)?))
+            let [whole]: [_; 1] = shards
+                .try_into()
+                .map_err(|_| Error::invalid("the torch backend runs one rank; use tp_degree=1"))?;
+            Ok(Arc::new(crate::backend::torch::TorchBackend::new(config.clone(), whole, device, dtype)?))
         }
         #[cfg(not(feature = "torch"))]
         Target::Torch { .. } => {
-            let _ = dtype;
+            let _ = (dtype, shards);
             Err(Error::BackendUnavailable(format!("this kvgen build has no torch backend; {}", select::TORCH_BUILD_HINT)))
         }
     }

@@ -63,10 +63,12 @@ impl Element for f16 {
     }
 }
 
-/// A read-only slice that is either owned or borrowed from a memory-mapped file (zero copy).
+/// A read-only slice that is either owned, borrowed from a memory-mapped file (zero copy), or a
+/// window of an owned buffer shared with other windows (a tensor-parallel rank's rows of a weight).
 pub enum Buf<T: Element> {
     Owned(Vec<T>),
     Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Shared { data: Arc<Vec<T>>, offset: usize, len: usize },
 }
 
 impl<T: Element> Buf<T> {
@@ -90,6 +92,34 @@ impl<T: Element> Buf<T> {
     }
 }
 
+impl<T: Element> Buf<T> {
+    /// The same elements in a form whose windows can be taken without copying.
+    pub fn into_shared(self) -> Self {
+        match self {
+            Buf::Owned(v) => {
+                let len = v.len();
+                Buf::Shared { data: Arc::new(v), offset: 0, len }
+            }
+            other => other,
+        }
+    }
+
+    /// Elements `start..start + len` without copying; None for an owned buffer (share it first)
+    /// or a range beyond the end.
+    pub fn window(&self, start: usize, len: usize) -> Option<Self> {
+        if start.checked_add(len)? > self.deref().len() {
+            return None;
+        }
+        match self {
+            Buf::Owned(_) => None,
+            Buf::Mapped { map, offset, .. } => {
+                Some(Buf::Mapped { map: Arc::clone(map), offset: offset + start * std::mem::size_of::<T>(), len })
+            }
+            Buf::Shared { data, offset, .. } => Some(Buf::Shared { data: Arc::clone(data), offset: offset + start, len }),
+        }
+    }
+}
+
 impl<T: Element> Deref for Buf<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
@@ -99,6 +129,7 @@ impl<T: Element> Deref for Buf<T> {
             Buf::Mapped { map, offset, len } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
             },
+            Buf::Shared { data, offset, len } => &data[*offset..*offset + *len],
         }
     }
 }
@@ -241,5 +272,94 @@ impl Matrix {
                 }
             }
         }
+    }
+}
+
+/// Row and column shards of a matrix, for tensor parallelism (`model::tp`).
+impl Matrix {
+    /// Bytes the matrix's data takes (what a rank's weight memory counts).
+    pub fn byte_len(&self) -> usize {
+        match &self.data {
+            Data::F32(b) => b.len() * 4,
+            Data::BF16(b) => b.len() * 2,
+            Data::F16(b) => b.len() * 2,
+            Data::Quant { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// The same matrix, in storage whose row windows need no copy.
+    pub fn into_shared(self) -> Matrix {
+        let data = match self.data {
+            Data::F32(b) => Data::F32(b.into_shared()),
+            Data::BF16(b) => Data::BF16(b.into_shared()),
+            Data::F16(b) => Data::F16(b.into_shared()),
+            Data::Quant { kind, bytes } => Data::Quant { kind, bytes: bytes.into_shared() },
+        };
+        Matrix { data, ..self }
+    }
+
+    /// Rows `rows` as a view of this matrix's storage (no copy; call `into_shared` first on an
+    /// owned matrix). A quantized row is its own run of whole blocks, so any row range is exact.
+    pub fn row_window(&self, rows: std::ops::Range<usize>) -> Option<Matrix> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return None;
+        }
+        let n = rows.end - rows.start;
+        let data = match &self.data {
+            Data::F32(b) => Data::F32(b.window(rows.start * self.cols, n * self.cols)?),
+            Data::BF16(b) => Data::BF16(b.window(rows.start * self.cols, n * self.cols)?),
+            Data::F16(b) => Data::F16(b.window(rows.start * self.cols, n * self.cols)?),
+            Data::Quant { kind, bytes } => {
+                let rb = self.cols / kind.block_size().max(1) * kind.type_size();
+                Data::Quant { kind: *kind, bytes: bytes.window(rows.start * rb, n * rb)? }
+            }
+        };
+        Some(Matrix { rows: n, cols: self.cols, data })
+    }
+
+    /// Columns `cols` of every row, copied into a new matrix. Quantized data keeps its blocks when
+    /// the range falls on block boundaries; otherwise (a head split inside a 256-wide K-quant
+    /// block) the shard is dequantized to f32, which computes the same values.
+    pub fn column_copy(&self, cols: std::ops::Range<usize>) -> crate::error::Result<Matrix> {
+        if cols.start > cols.end || cols.end > self.cols {
+            return Err(crate::error::Error::Internal(format!("columns {cols:?} of a {}-column matrix", self.cols)));
+        }
+        self.try_column_copy(cols).map_err(|e| {
+            e.into_error("a tensor-parallel shard of a weight", "free memory or use a lower tp_degree")
+        })
+    }
+
+    fn try_column_copy(&self, cols: std::ops::Range<usize>) -> Result<Matrix, AllocFailed> {
+        let width = cols.end - cols.start;
+        fn take<T: Copy>(src: &[T], stride: usize, rows: usize, from: usize, width: usize) -> Result<Vec<T>, AllocFailed> {
+            let mut out = mem::try_with_capacity(rows * width)?;
+            for r in 0..rows {
+                out.extend_from_slice(&src[r * stride + from..r * stride + from + width]);
+            }
+            Ok(out)
+        }
+        let (rows, stride, from) = (self.rows, self.cols, cols.start);
+        let data = match &self.data {
+            Data::F32(b) => Data::F32(Buf::Owned(take(b, stride, rows, from, width)?)),
+            Data::BF16(b) => Data::BF16(Buf::Owned(take(b, stride, rows, from, width)?)),
+            Data::F16(b) => Data::F16(Buf::Owned(take(b, stride, rows, from, width)?)),
+            Data::Quant { kind, bytes } => {
+                let bs = kind.block_size().max(1);
+                if from % bs == 0 && width % bs == 0 {
+                    let (ts, rb) = (kind.type_size(), self.cols / bs * kind.type_size());
+                    let bytes = take(bytes, rb, rows, from / bs * ts, width / bs * ts)?;
+                    Data::Quant { kind: *kind, bytes: Buf::Owned(bytes) }
+                } else {
+                    let mut out = mem::try_with_capacity(rows * width)?;
+                    let mut row = mem::try_zeroed::<f32>(self.cols)?;
+                    for r in 0..rows {
+                        self.row_f32(r, &mut row);
+                        out.extend_from_slice(&row[from..from + width]);
+                    }
+                    Data::F32(Buf::Owned(out))
+                }
+            }
+        };
+        Ok(Matrix { rows, cols: width, data })
     }
 }

@@ -65,6 +65,29 @@ INIT_RANGE = 0.3  # large init -> greedy top-1/top-2 margins far from ties
 
 SEED = {kind: 1000 + i for i, kind in enumerate(ALL_KINDS)}
 
+# Extra kinds for the tensor-parallel tests (tests/test_tensor_parallel.py), deliberately not in
+# ALL_KINDS (the other suites' parametrisations stay as they are). Llama layout with head layouts
+# that tp_degree 2 and 4 split in different ways (vocab 386 does not divide by 4: the lm_head's
+# vocab split is uneven at tp 4):
+#   llama_8q4kv  8 query / 4 kv heads, hidden 64 (head_dim 8), intermediate 128: tp 2 and 4
+#                divide every head count and the MLP.
+#   llama_8q2kv  8 query / 2 kv heads, same sizes: at tp 4 there are fewer kv heads than ranks,
+#                so each kv head is replicated on the two ranks whose query heads use it.
+#   llama_mqa    4 query / 1 kv head (multi-query), hidden 64, intermediate 128: the one kv head
+#                is replicated on every rank at tp 2 and 4.
+#   llama_wide   4 / 2 heads, hidden 64, intermediate 1024: the layers hold ~17x the embedding's
+#                bytes, so sharding them shows in the per-rank weight bytes although the
+#                embedding is replicated (the byte arithmetic is in test_tensor_parallel.py).
+TP_KINDS = ["llama_8q4kv", "llama_8q2kv", "llama_mqa", "llama_wide"]
+TP_SIZES = {
+    # kind: (hidden, heads, kv_heads, intermediate)
+    "llama_8q4kv": (64, 8, 4, 128),
+    "llama_8q2kv": (64, 8, 2, 128),
+    "llama_mqa": (64, 4, 1, 128),
+    "llama_wide": (64, 4, 2, 1024),
+}
+SEED.update({kind: 2000 + i for i, kind in enumerate(TP_KINDS)})
+
 
 def _load_tokenizer_into(out_dir: Path, tokenizer_dir: str | os.PathLike | None):
     from transformers import AutoTokenizer
@@ -142,6 +165,15 @@ def make_config(kind: str, tok):
             attention_bias=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         )
+    if kind in TP_SIZES:
+        hidden, heads, kv_heads, intermediate = TP_SIZES[kind]
+        common.update(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=intermediate,
+        )
+        return LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -155,6 +187,7 @@ MODEL_CLASS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+MODEL_CLASS.update({kind: "LlamaForCausalLM" for kind in TP_KINDS})
 
 
 def _randomize_1d_params(model, gen: torch.Generator):
@@ -201,6 +234,10 @@ def _verify_reload(out_dir: Path, kind: str):
         assert cfg.head_dim == 32
     if kind == "llama_tied":
         assert cfg.tie_word_embeddings is True
+    if kind in TP_SIZES:
+        got = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+        assert got == TP_SIZES[kind], (kind, got)
+        assert cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads and cfg.tie_word_embeddings is False
 
 
 def build_model(
@@ -406,6 +443,8 @@ def logits_scale(x) -> float:
 
 __all__ = [
     "ALL_KINDS",
+    "TP_KINDS",
+    "TP_SIZES",
     "PROMPTS",
     "LONG_TEXT",
     "build_model",

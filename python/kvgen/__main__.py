@@ -20,6 +20,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf file or known name (default: %(default)s)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel ranks (CPU)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=None)
@@ -57,7 +58,7 @@ def _reply(gen: Any, messages: list[dict], settings: dict) -> str:
 def _load(args: argparse.Namespace) -> Any:
     import kvgen
 
-    return kvgen.Generator.from_pretrained(args.model, dtype=args.dtype)
+    return kvgen.Generator.from_pretrained(args.model, dtype=args.dtype, tp_degree=args.tp_degree)
 
 
 def _serve(gen: Any, args: argparse.Namespace) -> int:
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (needs fastapi and uvicorn)")
     s.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf file or known name (default: %(default)s)")
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel ranks (CPU)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the file name)")

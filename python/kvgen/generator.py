@@ -99,11 +99,12 @@ class Generator:
 
         device: "cpu", "cuda" or "cuda:N". backend: "auto" (kvgen's native kernels on "cpu",
         libtorch on CUDA), "native", or "torch" (libtorch, also on "cpu"; needs a build with the
-        `torch` feature, else BackendUnavailableError)."""
+        `torch` feature, else BackendUnavailableError). tp_degree: tensor-parallel ranks (native
+        backend; README "Tensor parallelism"), each holding its shard of every weight."""
         if kwargs:
             raise InvalidInputError(f"unknown from_pretrained arguments: {sorted(kwargs)}")
-        if tp_degree != 1:
-            raise InvalidInputError(f"tp_degree={tp_degree} is not supported on device={device!r}; use tp_degree=1")
+        if isinstance(tp_degree, bool) or not isinstance(tp_degree, int):
+            raise InvalidInputError(f"tp_degree={tp_degree!r} must be an integer >= 1 (the number of tensor-parallel ranks)")
         import os
 
         from . import models
@@ -114,7 +115,9 @@ class Generator:
         try:
             progress = load_progress(name)
             # str() accepts torch.device / torch.dtype objects as transformers users pass them.
-            engine = _kvgen.Engine.load(name, str(device), str(dtype).replace("torch.", ""), progress, str(backend))
+            engine = _kvgen.Engine.load(
+                name, str(device), str(dtype).replace("torch.", ""), progress, str(backend), max(-1, min(int(tp_degree), 1 << 62))
+            )
             gen = cls(engine)
             gen._device = str(device)
             return gen
@@ -346,6 +349,21 @@ class Generator:
         )
 
     # ---- concurrency ------------------------------------------------------------------------
+
+    def memory_stats(self) -> dict:
+        """What the model holds: `tp_degree`, `weight_bytes_per_rank` (the largest rank's; a
+        replicated embedding counts on every rank), `kv_cache_bytes_per_token` (one position of
+        one sequence on one rank) and `kv_cache_bytes_reserved` (all ranks, now)."""
+        return self._engine.memory_stats()
+
+    def _record_all_reduces(self, on: bool = True) -> None:
+        """Debug hook: start (clearing the log) or stop (keeping it) recording, for every all-reduce, a 64-bit
+        digest of each rank's result."""
+        self._engine.record_all_reduces(bool(on))
+
+    def _all_reduce_log(self) -> list:
+        """The recorded digests (one list of tp_degree ints per all-reduce, in order); cleared."""
+        return self._engine.all_reduce_log()
 
     def scheduler_stats(self) -> dict:
         """The continuous-batching scheduler's counters: running/queued requests and sequences,

@@ -19,6 +19,18 @@ pub struct SeqInput<'a> {
     pub start_pos: usize,
 }
 
+/// What a backend holds, for `gen.memory_stats()`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryStats {
+    pub tp_degree: usize,
+    /// Weight bytes of the largest rank (replicated tensors count on every rank).
+    pub weight_bytes_per_rank: usize,
+    /// KV cache bytes one position of one sequence takes on one rank.
+    pub kv_cache_bytes_per_token: usize,
+    /// All-reduces run so far (0 with one rank).
+    pub all_reduces: u64,
+}
+
 pub trait Backend: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Preallocates a KV cache for `capacity` positions.
@@ -31,6 +43,17 @@ pub trait Backend: Send + Sync {
     /// Returns logits (f32, vocab wide) for the last new token of each sequence, or for every new
     /// token when `all_positions`, in input order.
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;
+    /// One rank unless the backend says otherwise.
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats { tp_degree: 1, kv_cache_bytes_per_token: self.cache_bytes_per_position(), ..Default::default() }
+    }
+    /// Debug hook: starts (clearing the log) or stops (keeping it) recording a digest of every rank's
+    /// result of every all-reduce.
+    fn record_all_reduces(&self, _on: bool) {}
+    /// The recorded digests, one entry per all-reduce in order, one value per rank; cleared.
+    fn take_all_reduce_log(&self) -> Vec<Vec<u64>> {
+        Vec::new()
+    }
 }
 
 /// The backends' backstop against ids beyond the embedding (callers validate first): an error

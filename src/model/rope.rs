@@ -24,6 +24,10 @@ impl Rope {
         rope
     }
 
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     fn default_inv_freq(&self, base: f64) -> Vec<f32> {
         let dim = self.head_dim;
         // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in float32.

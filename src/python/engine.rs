@@ -140,7 +140,7 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string()))]
+    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string(), tp_degree = 1))]
     fn load(
         py: Python<'_>,
         model: String,
@@ -148,7 +148,14 @@ impl PyEngine {
         dtype: String,
         progress: Option<Py<PyAny>>,
         backend: String,
+        tp_degree: i64,
     ) -> PyResult<Self> {
+        let tp_degree = usize::try_from(tp_degree).ok().filter(|&t| t >= 1).ok_or_else(|| {
+            crate::error::Error::invalid(format!(
+                "tp_degree={tp_degree} is not a number of ranks; use an integer >= 1 that divides the model's attention heads"
+            ))
+        });
+        let tp_degree = tp_degree.py()?;
         let mut report = |done: usize, total: usize| {
             if let Some(cb) = &progress {
                 // A failing progress display must not fail the load.
@@ -157,7 +164,7 @@ impl PyEngine {
                 });
             }
         };
-        let engine = py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, &mut report))).py()?;
+        let engine = py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, tp_degree, &mut report))).py()?;
         Ok(PyEngine::new(engine))
     }
 
@@ -290,7 +297,27 @@ impl PyEngine {
         d.set_item("max_queued_requests", limits.max_queued_requests)?;
         d.set_item("cache_bytes_per_token", self.cache_bytes_per_token())?;
         d.set_item("cache_bytes_reserved", self.inner.backend.cache_bytes_reserved())?;
+        d.set_item("all_reduces", self.inner.backend.memory_stats().all_reduces)?;
         Ok(d)
+    }
+
+    fn memory_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.inner.backend.memory_stats();
+        let d = PyDict::new(py);
+        d.set_item("tp_degree", m.tp_degree)?;
+        d.set_item("weight_bytes_per_rank", m.weight_bytes_per_rank)?;
+        d.set_item("kv_cache_bytes_per_token", m.kv_cache_bytes_per_token)?;
+        d.set_item("kv_cache_bytes_reserved", self.inner.backend.cache_bytes_reserved())?;
+        Ok(d)
+    }
+
+    /// Debug hook: record a digest of each rank's hidden state after every all-reduce.
+    fn record_all_reduces(&self, on: bool) {
+        self.inner.backend.record_all_reduces(on);
+    }
+
+    fn all_reduce_log(&self) -> Vec<Vec<u64>> {
+        self.inner.backend.take_all_reduce_log()
     }
 
     fn reset_scheduler_peaks(&self) -> PyResult<()> {

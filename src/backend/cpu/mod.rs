@@ -1,53 +1,179 @@
-//! The pure-Rust CPU backend: own kernels (rayon, AVX2/FMA), batch-invariant arithmetic.
+//! The pure-Rust CPU backend: own kernels (AVX2/FMA, AVX-512 tiles), batch-invariant arithmetic,
+//! the family forward of `model` run through `ops::CpuOps`, and tensor-parallel ranks (`tp`).
 
 pub mod cache;
 pub mod kernels;
+pub mod ops;
+pub mod tp;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, SeqInput, SlotId};
-use crate::error::{Error, Result};
-use crate::model::llama::{LlamaModel, SeqBatchItem};
+use super::{Backend, MemoryStats, SeqInput, SlotId};
+use crate::config::ModelConfig;
+use crate::error::{catch_panic, Error, Result};
+use crate::mem;
+use crate::model::host::{Host, HostWeights};
+use crate::model::llama::LlamaModel;
+use crate::model::ops::RankShape;
 use cache::KvCache;
+use ops::{CpuOps, CpuWeights, SeqBatchItem};
+use tp::{AbortOnExit, ReduceGroup};
 
 pub struct CpuBackend {
-    model: Arc<LlamaModel>,
-    /// Caches by slot id; a cache is taken out while a step uses it, so steps on different
+    /// One model per tensor-parallel rank, each holding only its shards.
+    ranks: Vec<Arc<LlamaModel<Host>>>,
+    /// With more than one rank: each rank's share of the worker threads.
+    pools: Vec<rayon::ThreadPool>,
+    weight_bytes_per_rank: usize,
+    /// Caches by slot id (one per rank); taken out while a step uses them, so steps on different
     /// slots can run concurrently.
     slots: Mutex<Vec<SlotState>>,
+    all_reduces: AtomicU64,
+    recording: AtomicBool,
+    all_reduce_log: Mutex<Vec<Vec<u64>>>,
 }
 
 enum SlotState {
     Free,
-    Idle(KvCache),
+    Idle(Vec<KvCache>),
     InUse,
 }
 
 impl CpuBackend {
-    pub fn new(model: Arc<LlamaModel>) -> Self {
-        CpuBackend { model, slots: Mutex::new(Vec::new()) }
+    /// A backend over the ranks' host weights (`model::tp::TpPlan::shard`), in rank order.
+    pub fn new(cfg: &ModelConfig, shapes: Vec<RankShape>, weights: Vec<HostWeights>) -> Result<Self> {
+        let n = weights.len();
+        let weight_bytes_per_rank = weights.iter().map(HostWeights::byte_len).max().unwrap_or(0);
+        let mut ranks = Vec::with_capacity(n);
+        for (shape, w) in shapes.into_iter().zip(weights) {
+            ranks.push(Arc::new(LlamaModel::new(cfg.clone(), shape, w.build(&mut CpuWeights)?)));
+        }
+        let pools = if n > 1 { rank_pools(n)? } else { Vec::new() };
+        Ok(CpuBackend {
+            ranks,
+            pools,
+            weight_bytes_per_rank,
+            slots: Mutex::new(Vec::new()),
+            all_reduces: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+            all_reduce_log: Mutex::new(Vec::new()),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SlotState>> {
         // A panic elsewhere cannot leave the slot table inconsistent, so a poisoned lock is usable.
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn rank_cache_bytes_per_position(&self) -> usize {
+        self.ranks.first().map_or(0, |m| m.cache_bytes_per_position(std::mem::size_of::<f32>()))
+    }
+
+    /// The ranks' forwards, concurrently, each on its own pool; logits concatenated per row in
+    /// rank order (each rank produced its vocabulary rows).
+    fn step_ranks(&self, caches: &mut [(SlotId, Vec<KvCache>)], seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
+        let n = self.ranks.len();
+        let group = ReduceGroup::new(n, self.recording.load(Ordering::Relaxed));
+        let mut per_rank: Vec<Vec<SeqBatchItem>> = (0..n).map(|_| Vec::with_capacity(seqs.len())).collect();
+        for ((_, rank_caches), s) in caches.iter_mut().zip(seqs) {
+            for (items, cache) in per_rank.iter_mut().zip(rank_caches.iter_mut()) {
+                items.push(SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos });
+            }
+        }
+        let run = |r: usize, mut items: Vec<SeqBatchItem>| -> Result<Vec<f32>> {
+            let mut guard = AbortOnExit { group: &group, rank: r, finished: false };
+            let out = self.pools[r].install(|| {
+                catch_panic("a tensor-parallel rank", || forward_rank(&self.ranks[r], &mut items, all_positions, Some(&group), r))
+            });
+            guard.finished = out.is_ok();
+            out
+        };
+        let mut results: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
+            let mut items = per_rank.into_iter();
+            let first = items.next().unwrap_or_default();
+            let handles: Vec<_> = items.enumerate().map(|(i, it)| s.spawn(move || run(i + 1, it))).collect();
+            let mut out = vec![run(0, first)];
+            for h in handles {
+                out.push(h.join().unwrap_or_else(|p| Err(Error::Internal(crate::error::panic_message(p.as_ref())))));
+            }
+            out
+        });
+        self.all_reduces.fetch_add(group.count.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
+        if self.recording.load(Ordering::Relaxed) {
+            self.all_reduce_log.lock().unwrap_or_else(|p| p.into_inner()).extend(group.take_digests());
+        }
+        // The error of the rank that failed first, not of one that only saw the group abort.
+        if let Some(i) = group.first_failed().or_else(|| results.iter().position(|r| r.is_err())) {
+            if let Some(Err(e)) = (i < results.len()).then(|| results.swap_remove(i)) {
+                return Err(e);
+            }
+        }
+        let parts: Vec<Vec<f32>> = results.into_iter().collect::<Result<_>>()?;
+        let widths: Vec<usize> = self.ranks.iter().map(|m| m.shape.vocab.len()).collect();
+        let rows = parts[0].len().checked_div(widths[0]).unwrap_or(0);
+        let vocab: usize = widths.iter().sum();
+        let mut logits: Vec<f32> = mem::try_with_capacity(rows * vocab)
+            .map_err(|e| e.into_error("the step's logits", "lower the batch size"))?;
+        for row in 0..rows {
+            for (p, &w) in parts.iter().zip(&widths) {
+                logits.extend_from_slice(&p[row * w..(row + 1) * w]);
+            }
+        }
+        Ok(logits)
+    }
+}
+
+/// One rank's forward over its caches; `group` joins it to the other ranks of the step.
+fn forward_rank(
+    model: &LlamaModel<Host>,
+    items: &mut [SeqBatchItem],
+    all_positions: bool,
+    group: Option<&ReduceGroup>,
+    rank: usize,
+) -> Result<Vec<f32>> {
+    let mut ops = CpuOps::new(items, all_positions, group.map(|g| g.link(rank)))?;
+    if ops.tokens() == 0 {
+        return Ok(Vec::new());
+    }
+    let logits = model.forward(&mut ops)?;
+    ops.finish();
+    Ok(logits.data)
+}
+
+/// Splits the worker threads evenly between the ranks (at least one each).
+fn rank_pools(n: usize) -> Result<Vec<rayon::ThreadPool>> {
+    let per_rank = (rayon::current_num_threads() / n).max(1);
+    (0..n)
+        .map(|r| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(per_rank)
+                .thread_name(move |i| format!("kvgen-rank{r}-{i}"))
+                .start_handler(|_| kernels::mark_rank_pool_thread())
+                .build()
+                .map_err(|e| Error::Internal(format!("cannot start the threads of tensor-parallel rank {r}: {e}")))
+        })
+        .collect()
 }
 
 impl Backend for CpuBackend {
     fn vocab_size(&self) -> usize {
-        self.model.vocab_size()
+        self.ranks.iter().map(|m| m.shape.vocab.len()).sum()
     }
 
     fn allocate(&self, capacity: usize) -> Result<SlotId> {
         // Reserved before taking the lock; a cache that cannot be reserved is OutOfMemory.
-        let cache = self.model.new_cache(capacity)?;
+        let caches = self
+            .ranks
+            .iter()
+            .map(|m| KvCache::new(m.cfg.num_hidden_layers, m.shape.kv_heads, m.cfg.head_dim, capacity))
+            .collect::<Result<Vec<_>>>()?;
         let mut slots = self.lock();
         if let Some(i) = slots.iter().position(|s| matches!(s, SlotState::Free)) {
-            slots[i] = SlotState::Idle(cache);
+            slots[i] = SlotState::Idle(caches);
             Ok(i)
         } else {
-            slots.push(SlotState::Idle(cache));
+            slots.push(SlotState::Idle(caches));
             Ok(slots.len() - 1)
         }
     }
@@ -59,14 +185,14 @@ impl Backend for CpuBackend {
     }
 
     fn cache_bytes_per_position(&self) -> usize {
-        self.model.cache_bytes_per_position()
+        self.rank_cache_bytes_per_position() * self.ranks.len()
     }
 
     fn cache_bytes_reserved(&self) -> usize {
         self.lock()
             .iter()
             .map(|s| match s {
-                SlotState::Idle(c) => c.capacity() * self.model.cache_bytes_per_position(),
+                SlotState::Idle(c) => c.iter().map(|c| c.capacity()).sum::<usize>() * self.rank_cache_bytes_per_position(),
                 _ => 0,
             })
             .sum()
@@ -75,13 +201,37 @@ impl Backend for CpuBackend {
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {
         let mut taken = TakenCaches::take(self, seqs)?;
         crate::faults::check(crate::faults::FaultPoint::Step, seqs.iter().flat_map(|s| s.tokens.iter().copied()));
+        if self.ranks.len() > 1 {
+            return self.step_ranks(&mut taken.caches, seqs, all_positions);
+        }
         let mut items: Vec<SeqBatchItem> = taken
             .caches
             .iter_mut()
             .zip(seqs)
-            .map(|((_, cache), s)| SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos })
+            .filter_map(|((_, caches), s)| caches.first_mut().map(|cache| SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos }))
             .collect();
-        self.model.forward(&mut items, all_positions)
+        let model = self.ranks.first().ok_or_else(|| Error::Internal("a CPU backend without ranks".into()))?;
+        forward_rank(model, &mut items, all_positions, None, 0)
+    }
+
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            tp_degree: self.ranks.len(),
+            weight_bytes_per_rank: self.weight_bytes_per_rank,
+            kv_cache_bytes_per_token: self.rank_cache_bytes_per_position(),
+            all_reduces: self.all_reduces.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record_all_reduces(&self, on: bool) {
+        if on {
+            self.all_reduce_log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        self.recording.store(on, Ordering::Relaxed);
+    }
+
+    fn take_all_reduce_log(&self) -> Vec<Vec<u64>> {
+        std::mem::take(&mut *self.all_reduce_log.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -89,7 +239,7 @@ impl Backend for CpuBackend {
 /// fails or panics, so the slots stay usable (a rerun rewrites the positions the step touched).
 struct TakenCaches<'a> {
     backend: &'a CpuBackend,
-    caches: Vec<(SlotId, KvCache)>,
+    caches: Vec<(SlotId, Vec<KvCache>)>,
 }
 
 impl<'a> TakenCaches<'a> {

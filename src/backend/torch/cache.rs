@@ -14,7 +14,7 @@
 //!
 //! Slots (what the scheduler holds) stay stable while rows move: `slots` maps each to its
 //! (bucket, row). A step's sequences in one bucket read their caches as one view when their rows
-//! are consecutive (see `model::Grouping`); a step spanning buckets runs attention per bucket.
+//! are consecutive (see `plan::Grouping`); a step spanning buckets runs attention per bucket.
 //!
 //! Replacing a bucket's tensors gives it a new stamp, unique over the arena's life: a recorded CUDA
 //! graph addresses the tensors it was recorded against and is kept only while the stamps of the

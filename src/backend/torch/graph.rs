@@ -11,7 +11,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 
 use tch::Tensor;
 
-use super::model::{StepLayout, StepPlan};
+use super::plan::{StepLayout, StepPlan};
 use crate::error::{Error, Result};
 
 extern "C" {

@@ -5,23 +5,25 @@
 
 mod cache;
 mod graph;
-mod model;
+mod ops;
+mod plan;
 mod weights;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{Backend, SeqInput, SlotId};
+use super::{Backend, MemoryStats, SeqInput, SlotId};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::LlamaWeights;
-use crate::model::rope::Rope;
+use crate::model::host::HostWeights;
+use crate::model::llama::LlamaModel;
 use crate::tensor::DType;
 use cache::KvArena;
 use graph::{CudaGraph, DecodeGraph, GraphKey};
-use model::{Grouping, StepPlan, TorchModel};
+use ops::{TorchKinds, TorchOps, TorchUpload};
+use plan::{Grouping, StepPlan};
 
 /// Recorded decode graphs kept at once (step layouts; each holds a memory pool for its
 /// intermediates). Steps of other layouts run eagerly until a bucket change frees some.
@@ -66,8 +68,15 @@ pub fn parse_device(device: &str) -> Result<Device> {
     Ok(Device::Cuda(index))
 }
 
+/// The family forward on the device: the logits of the plan's output rows as [rows, vocab] f32.
+fn forward(model: &LlamaModel<TorchKinds>, kind: Kind, plan: &StepPlan, arena: &mut KvArena) -> Result<Tensor> {
+    let mut ops = TorchOps { plan, arena, kind, hidden: model.cfg.hidden_size as i64 };
+    model.forward(&mut ops)?.f_to_kind(Kind::Float).map_err(tch_err)
+}
+
 struct State {
-    model: TorchModel,
+    model: LlamaModel<TorchKinds>,
+    kind: Kind,
     arena: KvArena,
     graphs: HashMap<GraphKey, DecodeGraph>,
     /// Set after a capture or replay failed: decode steps then run eagerly.
@@ -85,7 +94,7 @@ impl State {
 pub struct TorchBackend {
     vocab_size: usize,
     device: Device,
-    rope: Rope,
+    weight_bytes: usize,
     /// CUDA graphs for decode steps: on a CUDA device when the shim has them, unless
     /// KVGEN_CUDA_GRAPHS=0. KVGEN_CUDA_GRAPHS=emulate runs the graph path's fixed buffers
     /// without recording (any device): how CI on a CPU tests what a graph would read.
@@ -96,12 +105,14 @@ pub struct TorchBackend {
 }
 
 impl TorchBackend {
-    /// Uploads `weights` to `device` as `dtype`; the host copy is dropped layer by layer.
-    pub fn new(cfg: ModelConfig, weights: LlamaWeights, device: &str, dtype: DType) -> Result<TorchBackend> {
+    /// Uploads `weights` (the whole model: one rank) to `device` as `dtype`; the host copy is
+    /// dropped layer by layer.
+    pub fn new(cfg: ModelConfig, weights: HostWeights, device: &str, dtype: DType) -> Result<TorchBackend> {
         let device = parse_device(device)?;
         let kind = weights::kind_of(dtype);
         let _guard = tch::no_grad_guard();
-        let weights = weights::TorchWeights::upload(weights, kind, device)?;
+        let weight_bytes = weights.byte_len();
+        let weights = weights.build(&mut TorchUpload { kind, device })?;
         let arena = KvArena::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kind, device);
         let setting = std::env::var("KVGEN_CUDA_GRAPHS").unwrap_or_default();
         let record_graphs = device.is_cuda() && graph::supported() && setting != "0" && setting != "emulate";
@@ -109,11 +120,12 @@ impl TorchBackend {
         Ok(TorchBackend {
             vocab_size: cfg.vocab_size,
             device,
-            rope: Rope::new(&cfg),
+            weight_bytes,
             use_graphs,
             record_graphs,
             state: Mutex::new(State {
-                model: TorchModel { cfg, weights, kind },
+                model: LlamaModel::new(cfg.clone(), crate::model::tp::whole_shape(&cfg), weights),
+                kind,
                 arena,
                 graphs: HashMap::new(),
                 graphs_failed: false,
@@ -142,10 +154,10 @@ impl TorchBackend {
                 Err(e) => return Err(e),
             }
         }
-        let State { model, arena, .. } = st;
+        let State { model, kind, arena, .. } = st;
         let grouping = Grouping::new(arena, seqs, false)?;
-        let plan = StepPlan::new(model, &self.rope, &grouping, seqs, all_positions, self.device)?;
-        let logits: Tensor = model.forward(&plan, arena)?;
+        let plan = StepPlan::new(&model.cfg, *kind, &model.rope, &grouping, seqs, all_positions, self.device)?;
+        let logits = forward(model, *kind, &plan, arena)?;
         to_host(&logits)
     }
 
@@ -162,22 +174,23 @@ impl TorchBackend {
     }
 
     fn step_graph(&self, st: &mut State, seqs: &[SeqInput], grouping: &Grouping, key: GraphKey) -> Result<Vec<f32>> {
-        let State { model, arena, graphs, .. } = st;
+        let State { model, kind, arena, graphs, .. } = st;
+        let kind = *kind;
         if let Some(g) = graphs.get_mut(&key) {
-            let mut host = StepPlan::new(model, &self.rope, grouping, seqs, false, Device::Cpu)?;
+            let mut host = StepPlan::new(&model.cfg, kind, &model.rope, grouping, seqs, false, Device::Cpu)?;
             g.plan.fill_from(&mut host)?;
             return match &g.graph {
                 Some(graph) => {
                     graph.replay()?;
                     to_host(&g.logits)
                 }
-                None => to_host(&model.forward(&g.plan, arena)?),
+                None => to_host(&forward(model, kind, &g.plan, arena)?),
             };
         }
         // Fixed input buffers, filled with this step's values.
-        let plan = StepPlan::new(model, &self.rope, grouping, seqs, false, self.device)?;
+        let plan = StepPlan::new(&model.cfg, kind, &model.rope, grouping, seqs, false, self.device)?;
         let (Device::Cuda(index), true) = (self.device, self.record_graphs) else {
-            let logits = model.forward(&plan, arena)?;
+            let logits = forward(model, kind, &plan, arena)?;
             let out = to_host(&logits)?;
             graphs.insert(key, DecodeGraph { graph: None, plan, logits });
             return Ok(out);
@@ -187,9 +200,9 @@ impl TorchBackend {
         let graph = CudaGraph::new(index)?;
         tch::Cuda::synchronize(index as i64);
         let logits = graph.on_side_stream(|| {
-            let _warm_up = model.forward(&plan, arena)?;
+            let _warm_up = forward(model, kind, &plan, arena)?;
             tch::Cuda::synchronize(index as i64);
-            graph.capture(|| model.forward(&plan, arena))
+            graph.capture(|| forward(model, kind, &plan, arena))
         })?;
         tch::Cuda::synchronize(index as i64);
         graph.replay()?;
@@ -234,6 +247,15 @@ impl Backend for TorchBackend {
 
     fn cache_bytes_reserved(&self) -> usize {
         self.lock().arena.bytes_reserved()
+    }
+
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            tp_degree: 1,
+            weight_bytes_per_rank: self.weight_bytes,
+            kv_cache_bytes_per_token: self.cache_bytes_per_position(),
+            ..Default::default()
+        }
     }
 
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>> {

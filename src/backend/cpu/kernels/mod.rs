@@ -15,6 +15,8 @@ mod quant;
 mod rope;
 mod team;
 
+pub(crate) use team::mark_rank_pool_thread;
+
 pub use activation::silu_mul;
 pub use attention::{attention, AttnSeq};
 pub use linear::{linear, linear_gated, linear_many, Proj};

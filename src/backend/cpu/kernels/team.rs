@@ -52,6 +52,17 @@ unsafe impl Send for Team {}
 
 static TEAM: OnceLock<Option<Team>> = OnceLock::new();
 
+thread_local! {
+    /// Set on the threads of a tensor-parallel rank's own pool: their forks stay in that pool
+    /// (rayon), so ranks never compete for the one team.
+    static ON_RANK_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as a rank pool's (a pool's `start_handler`).
+pub(crate) fn mark_rank_pool_thread() {
+    ON_RANK_POOL.with(|c| c.set(true));
+}
+
 fn team() -> Option<&'static Team> {
     TEAM.get_or_init(|| {
         let helpers = rayon::current_num_threads().saturating_sub(1);
@@ -81,6 +92,9 @@ pub(crate) fn run(chunks: usize, f: &(dyn Fn(usize) + Sync)) {
     if chunks <= 1 {
         (0..chunks).for_each(f);
         return;
+    }
+    if ON_RANK_POOL.with(|c| c.get()) {
+        return rayon_run(chunks, f);
     }
     let team = match team() {
         Some(t) => t,

@@ -1,10 +1,7 @@
-//! The Llama-family forward (Llama, Mistral, Qwen2, Qwen3) in libtorch ops, written once: the
-//! architectures differ only in which optional weights exist (biases, q/k norms, tied head) and in
-//! the config (head_dim, rope scaling, sliding windows). Numerics follow transformers: RMSNorm in
-//! f32 then cast, rope with cos/sin cast to the compute dtype, attention in the compute dtype.
-//!
-//! A step's sequences are laid out as a [batch, longest new run] grid; shorter runs are padded at
-//! the end, their keys are never written and their outputs never read.
+//! How a step's sequences map onto the torch backend's tensors: the [batch, longest new run] grid
+//! (shorter runs padded at the end; their keys are never written and their outputs never read),
+//! the KV buckets each sequence's cache lives in, and the index, rope and mask tensors every layer
+//! of the family forward (`ops::TorchOps`) reads.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +9,6 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::KvArena;
 use super::tch_err;
-use super::weights::{TorchLayer, TorchWeights};
 use crate::backend::{check_token, SeqInput};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -110,38 +106,38 @@ impl Grouping {
 }
 
 /// One bucket's part of a step.
-struct GroupPlan {
-    bucket: usize,
-    len: i64,
-    span: i64,
-    first_row: Option<i64>,
+pub struct GroupPlan {
+    pub bucket: usize,
+    pub len: i64,
+    pub span: i64,
+    pub first_row: Option<i64>,
     /// The group's rows, when not consecutive.
-    rows: Option<Tensor>,
+    pub rows: Option<Tensor>,
     /// Step indices of the group's sequences (None: the group is the whole step, in order).
-    members: Option<Tensor>,
+    pub members: Option<Tensor>,
     /// (row, position) of each of the group's real new tokens, and its index in the flattened
     /// grid (None: the group is the whole grid, in order, without padding).
-    write_rows: Tensor,
-    write_pos: Tensor,
-    write_src: Option<Tensor>,
+    pub write_rows: Tensor,
+    pub write_pos: Tensor,
+    pub write_src: Option<Tensor>,
     /// Attention masks [len, 1, t_max, span], one per distinct window.
-    masks: Vec<(Option<usize>, Tensor)>,
+    pub masks: Vec<(Option<usize>, Tensor)>,
 }
 
 /// Host-built index and mask tensors for one step, uploaded once and shared by every layer.
 pub struct StepPlan {
     layout: StepLayout,
-    batch: i64,
-    t_max: i64,
-    tokens: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    groups: Vec<GroupPlan>,
+    pub batch: i64,
+    pub t_max: i64,
+    pub tokens: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub groups: Vec<GroupPlan>,
     /// Where each sequence's attention output sits in the groups' concatenated outputs (None
     /// when in order).
-    unperm: Option<Tensor>,
+    pub unperm: Option<Tensor>,
     /// Grid indices whose logits are returned.
-    out_idx: Tensor,
+    pub out_idx: Tensor,
 }
 
 fn up_i64(v: &[i64], device: Device) -> Result<Tensor> {
@@ -153,15 +149,16 @@ fn up_usize(v: &[usize], device: Device) -> Result<Tensor> {
 }
 
 impl StepPlan {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        model: &TorchModel,
+        cfg: &ModelConfig,
+        kind: Kind,
         rope: &Rope,
         grouping: &Grouping,
         seqs: &[SeqInput],
         all_positions: bool,
         device: Device,
     ) -> Result<StepPlan> {
-        let (cfg, kind) = (&model.cfg, model.kind);
         let hd = cfg.head_dim;
         let b = seqs.len();
         let t_max = grouping.layout.t_max;
@@ -306,149 +303,5 @@ impl StepPlan {
             d.f_copy_(s).map_err(tch_err)?;
         }
         Ok(())
-    }
-}
-
-pub struct TorchModel {
-    pub cfg: ModelConfig,
-    pub weights: TorchWeights,
-    pub kind: Kind,
-}
-
-/// transformers' RMSNorm: normalise in f32, cast back, then scale by the weight.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kind: Kind) -> Result<Tensor> {
-    let x32 = x.f_to_kind(Kind::Float).map_err(tch_err)?;
-    let var = x32.f_square().and_then(|s| s.f_mean_dim(-1, true, Kind::Float)).map_err(tch_err)?;
-    var.f_add_scalar(eps)
-        .and_then(|v| v.f_rsqrt())
-        .and_then(|r| x32.f_mul(&r))
-        .and_then(|n| n.f_to_kind(kind))
-        .and_then(|n| w.f_mul(&n))
-        .map_err(tch_err)
-}
-
-/// x * cos + rotate_half(x) * sin, x laid out [.., head_dim].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, hd: i64) -> Result<Tensor> {
-    let half = hd / 2;
-    let x1 = x.f_narrow(-1, 0, half).map_err(tch_err)?;
-    let x2 = x.f_narrow(-1, half, half).map_err(tch_err)?;
-    let rot = x2.f_neg().and_then(|n| Tensor::f_cat(&[n, x1], -1)).map_err(tch_err)?;
-    x.f_mul(cos).and_then(|a| rot.f_mul(sin).and_then(|b| a.f_add(&b))).map_err(tch_err)
-}
-
-impl TorchModel {
-    /// Runs one step, writing new keys/values into `arena`, and returns the logits of the
-    /// rows in `plan.out_idx` as a [rows, vocab] f32 tensor on the device.
-    pub fn forward(&self, plan: &StepPlan, arena: &mut KvArena) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, t) = (plan.batch, plan.t_max);
-        let h = cfg.hidden_size as i64;
-        let flat = plan.tokens.f_view([-1]).map_err(tch_err)?;
-        let mut x = self.weights.embed.f_index_select(0, &flat).and_then(|e| e.f_view([b, t, h])).map_err(tch_err)?;
-        for (li, lw) in self.weights.layers.iter().enumerate() {
-            let attn = self.attention(li, lw, &x, plan, arena)?;
-            x = x.f_add(&attn).map_err(tch_err)?;
-            let mlp = self.mlp(lw, &x)?;
-            x = x.f_add(&mlp).map_err(tch_err)?;
-        }
-        let rows = x.f_view([b * t, h]).and_then(|x| x.f_index_select(0, &plan.out_idx)).map_err(tch_err)?;
-        let hidden = rms_norm(&rows, &self.weights.norm, cfg.rms_norm_eps, self.kind)?;
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        hidden.f_linear::<&Tensor>(head, None).and_then(|l| l.f_to_kind(Kind::Float)).map_err(tch_err)
-    }
-
-    fn attention(&self, li: usize, lw: &TorchLayer, x: &Tensor, plan: &StepPlan, arena: &mut KvArena) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, t) = (plan.batch, plan.t_max);
-        let (nh, nkv, hd) = (cfg.num_attention_heads as i64, cfg.num_key_value_heads as i64, cfg.head_dim as i64);
-        let eps = cfg.rms_norm_eps;
-        let xn = rms_norm(x, &lw.input_norm, eps, self.kind)?;
-        let qkv = xn.f_linear(&lw.qkv, lw.qkv_bias.as_ref()).map_err(tch_err)?;
-        let parts = qkv.f_split_with_sizes([nh * hd, nkv * hd, nkv * hd], -1).map_err(tch_err)?;
-        let [q, k, v] = <[Tensor; 3]>::try_from(parts).map_err(|_| Error::Internal("qkv split".into()))?;
-        let mut q = q.f_view([b, t, nh, hd]).map_err(tch_err)?;
-        let mut k = k.f_view([b, t, nkv, hd]).map_err(tch_err)?;
-        let v = v.f_view([b, t, nkv, hd]).map_err(tch_err)?;
-        if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-            q = rms_norm(&q, qn, eps, self.kind)?;
-            k = rms_norm(&k, kn, eps, self.kind)?;
-        }
-        let q = rope(&q, &plan.cos, &plan.sin, hd)?;
-        let k = rope(&k, &plan.cos, &plan.sin, hd)?;
-
-        // New keys/values in grid order [b * t, nkv, hd].
-        let k = k.f_reshape([b * t, nkv, hd]).map_err(tch_err)?;
-        let v = v.f_reshape([b * t, nkv, hd]).map_err(tch_err)?;
-        let n_rep = nh / nkv;
-        let mask_of = |g: &GroupPlan| -> Result<Tensor> {
-            let mask = g
-                .masks
-                .iter()
-                .find(|(w, _)| *w == cfg.layer_windows[li])
-                .map(|(_, m)| m)
-                .ok_or_else(|| Error::Internal("no attention mask for a layer window".into()))?;
-            // Tiled to match the folded query heads below.
-            if n_rep > 1 { mask.f_repeat([1, 1, n_rep, 1]).map_err(tch_err) } else { Ok(mask.shallow_clone()) }
-        };
-        let mut outs = Vec::with_capacity(plan.groups.len());
-        for g in &plan.groups {
-            let (ka, va) = arena.layer_mut(g.bucket, li)?;
-            // Store the group's real tokens' keys/values at (row, position): x[rows, :, pos] = new.
-            let real = |m: &Tensor| -> Result<Tensor> {
-                match &g.write_src {
-                    Some(idx) => m.f_index_select(0, idx).map_err(tch_err),
-                    None => Ok(m.shallow_clone()),
-                }
-            };
-            let idx = [Some(&g.write_rows), None, Some(&g.write_pos)];
-            // index_put_ writes in place; the tensor it returns is the arena itself.
-            let _ = ka.f_index_put_(&idx, &real(&k)?, false).map_err(tch_err)?;
-            let _ = va.f_index_put_(&idx, &real(&v)?, false).map_err(tch_err)?;
-
-            // The group's caches [len, nkv, span, hd]: a view when its rows are consecutive.
-            let view = |a: &Tensor| -> Result<Tensor> {
-                let rows = match (&g.first_row, &g.rows) {
-                    (Some(r0), _) => a.f_narrow(0, *r0, g.len),
-                    (None, Some(rows)) => a.f_index_select(0, rows),
-                    (None, None) => return Err(Error::Internal("a KV group without rows".into())),
-                };
-                rows.and_then(|r| r.f_narrow(2, 0, g.span)).map_err(tch_err)
-            };
-            let (kc, vc) = (view(&*ka)?, view(&*va)?);
-
-            // Grouped-query attention without repeating keys: the n_rep query heads that share a
-            // kv head are folded into that head's query rows (transformers' repeat_kv maps head h
-            // to kv head h / n_rep, i.e. heads are kv-major), and the mask is tiled to match.
-            let qg = match &g.members {
-                Some(m) => q.f_index_select(0, m).map_err(tch_err)?,
-                None => q.shallow_clone(),
-            };
-            let qg = qg.f_transpose(1, 2).and_then(|q| q.f_reshape([g.len, nkv, n_rep * t, hd])).map_err(tch_err)?;
-            let mask = mask_of(g)?;
-            let out = Tensor::f_scaled_dot_product_attention(&qg, &kc, &vc, Some(&mask), 0.0, false, None, false)
-                .and_then(|o| o.f_reshape([g.len, nh, t, hd]))
-                .and_then(|o| o.f_transpose(1, 2))
-                .and_then(|o| o.f_reshape([g.len, t, nh * hd]))
-                .map_err(tch_err)?;
-            outs.push(out);
-        }
-        let out = match outs.len() {
-            1 => outs.pop().ok_or_else(|| Error::Internal("no attention output".into()))?,
-            _ => Tensor::f_cat(&outs, 0).map_err(tch_err)?,
-        };
-        let out = match &plan.unperm {
-            Some(at) => out.f_index_select(0, at).map_err(tch_err)?,
-            None => out,
-        };
-        out.f_linear(&lw.o, lw.o_bias.as_ref()).map_err(tch_err)
-    }
-
-    fn mlp(&self, lw: &TorchLayer, x: &Tensor) -> Result<Tensor> {
-        let xn = rms_norm(x, &lw.post_norm, self.cfg.rms_norm_eps, self.kind)?;
-        let gu = xn.f_linear(&lw.gate_up, lw.gate_up_bias.as_ref()).map_err(tch_err)?;
-        let inter = self.cfg.intermediate_size as i64;
-        let g = gu.f_narrow(-1, 0, inter).and_then(|g| g.f_silu()).map_err(tch_err)?;
-        let u = gu.f_narrow(-1, inter, inter).map_err(tch_err)?;
-        g.f_mul(&u).and_then(|a| a.f_linear(&lw.down, lw.down_bias.as_ref())).map_err(tch_err)
     }
 }

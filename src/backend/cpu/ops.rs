@@ -1,0 +1,271 @@
+//! The CPU backend's implementation of the family op interface: each op runs the fused kernels
+//! over all new tokens of all sequences of the step (packed row-wise); attention runs per
+//! sequence against its own KV cache. Buffers of consumed activations are reused within the step.
+
+use super::cache::KvCache;
+use super::kernels::{self, AttnSeq, Proj};
+use super::tp::RankLink;
+use crate::backend::check_token;
+use crate::error::{Error, Result};
+use crate::model::host::{Host, HostLinear, HostPart, WeightBuilder};
+use crate::model::ops::{Activation, AttnSpec, Ops};
+use crate::model::rope::Rope;
+use crate::tensor::Matrix;
+
+/// One sequence's share of a step on one rank: its cache, its new tokens, the first one's position.
+pub struct SeqBatchItem<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+}
+
+/// Rows of f32 activations.
+pub struct CpuAct {
+    pub data: Vec<f32>,
+    pub rows: usize,
+}
+
+impl CpuAct {
+    fn width(&self) -> usize {
+        self.data.len().checked_div(self.rows).unwrap_or(0)
+    }
+}
+
+pub struct Rotary {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    head_dim: usize,
+}
+
+/// One step of one rank.
+pub struct CpuOps<'s, 'c> {
+    seqs: &'s mut [SeqBatchItem<'c>],
+    /// Row offset of each sequence's first new token, and the total.
+    offsets: Vec<usize>,
+    all_positions: bool,
+    link: Option<RankLink<'s>>,
+    spare: Vec<Vec<f32>>,
+}
+
+impl<'s, 'c> CpuOps<'s, 'c> {
+    /// Checks that every sequence fits its cache; `link` joins the step's other ranks.
+    pub fn new(seqs: &'s mut [SeqBatchItem<'c>], all_positions: bool, link: Option<RankLink<'s>>) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(seqs.len() + 1);
+        offsets.push(0usize);
+        for s in seqs.iter() {
+            if s.start_pos + s.tokens.len() > s.cache.capacity() {
+                return Err(Error::Internal(format!(
+                    "KV cache of capacity {} cannot hold positions up to {}",
+                    s.cache.capacity(),
+                    s.start_pos + s.tokens.len()
+                )));
+            }
+            offsets.push(offsets[offsets.len() - 1] + s.tokens.len());
+        }
+        Ok(CpuOps { seqs, offsets, all_positions, link, spare: Vec::new() })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.offsets[self.offsets.len() - 1]
+    }
+
+    /// Marks the new positions as written, once the forward has run.
+    pub fn finish(self) {
+        for seq in self.seqs.iter_mut() {
+            seq.cache.advance_to(seq.start_pos + seq.tokens.len());
+        }
+    }
+
+    fn alloc(&mut self, rows: usize, width: usize) -> CpuAct {
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        data.resize(rows * width, 0.0);
+        CpuAct { data, rows }
+    }
+
+    fn free(&mut self, a: CpuAct) {
+        self.spare.push(a.data);
+    }
+}
+
+impl Ops for CpuOps<'_, '_> {
+    type Kinds = Host;
+    type Act = CpuAct;
+    type Rotary = Rotary;
+
+    fn embed(&mut self, table: &Matrix) -> Result<CpuAct> {
+        let h = table.cols;
+        let mut x = self.alloc(self.tokens(), h);
+        // Ids were validated by the caller, checked again here as a backstop.
+        for (s, seq) in self.seqs.iter().enumerate() {
+            for (t, &id) in seq.tokens.iter().enumerate() {
+                let row = self.offsets[s] + t;
+                check_token(id, s, seq.start_pos + t, table.rows)?;
+                table.row_f32(id as usize, &mut x.data[row * h..(row + 1) * h]);
+            }
+        }
+        Ok(x)
+    }
+
+    fn rotary(&mut self, _index: usize, rope: &Rope) -> Result<Rotary> {
+        let hd = rope.head_dim();
+        // Dynamic NTK depends on the longest sequence in the call, as in transformers.
+        let seq_len = self.seqs.iter().map(|s| s.start_pos + s.tokens.len()).max().unwrap_or(0);
+        let inv_freq = rope.inv_freq_for(seq_len);
+        let n = self.tokens();
+        let (mut cos, mut sin) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+        let mut t = 0;
+        for seq in self.seqs.iter() {
+            for pos in seq.start_pos..seq.start_pos + seq.tokens.len() {
+                Rope::cos_sin(&inv_freq, pos, &mut cos[t * hd..(t + 1) * hd], &mut sin[t * hd..(t + 1) * hd]);
+                t += 1;
+            }
+        }
+        Ok(Rotary { cos, sin, head_dim: hd })
+    }
+
+    fn rms_norm(&mut self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
+        let mut out = self.alloc(x.rows, w.len());
+        kernels::rms_norm(&x.data, w, eps, &mut out.data);
+        Ok(out)
+    }
+
+    fn head_rms_norm(&mut self, mut x: CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
+        kernels::rms_norm_inplace(&mut x.data, w, eps);
+        Ok(x)
+    }
+
+    fn rope(&mut self, mut x: CpuAct, heads: usize, rot: &Rotary) -> Result<CpuAct> {
+        let (hd, width) = (rot.head_dim, x.width());
+        for t in 0..x.rows {
+            let (c, s) = (&rot.cos[t * hd..(t + 1) * hd], &rot.sin[t * hd..(t + 1) * hd]);
+            kernels::rope_inplace(&mut x.data[t * width..(t + 1) * width], heads, hd, c, s);
+        }
+        Ok(x)
+    }
+
+    fn project(&mut self, x: CpuAct, w: &HostLinear) -> Result<Vec<CpuAct>> {
+        let mut outs: Vec<CpuAct> = w.parts.iter().map(|p| self.alloc(x.rows, p.w.rows)).collect();
+        let mut projs: Vec<Proj> = w
+            .parts
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(p, o)| Proj { w: &p.w, bias: p.bias.as_deref(), out: &mut o.data })
+            .collect();
+        kernels::linear_many(&x.data, x.rows, &mut projs);
+        self.free(x);
+        Ok(outs)
+    }
+
+    fn gated(&mut self, x: CpuAct, w: &HostLinear, act: Activation) -> Result<CpuAct> {
+        let Activation::Silu = act;
+        let [gate, up]: &[HostPart; 2] = w
+            .parts
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Internal("a gated MLP needs a (gate, up) projection".into()))?;
+        let mut g = self.alloc(x.rows, gate.w.rows);
+        let mut u = self.alloc(x.rows, up.w.rows);
+        kernels::linear_gated(
+            &x.data,
+            x.rows,
+            Proj { w: &gate.w, bias: gate.bias.as_deref(), out: &mut g.data },
+            Proj { w: &up.w, bias: up.bias.as_deref(), out: &mut u.data },
+        );
+        self.free(u);
+        self.free(x);
+        Ok(g)
+    }
+
+    fn attend(&mut self, spec: &AttnSpec, q: CpuAct, k: CpuAct, v: CpuAct) -> Result<CpuAct> {
+        let (li, hd) = (spec.layer, spec.head_dim);
+        let (q_dim, kv_dim) = (spec.heads * hd, spec.kv_heads * hd);
+        let offsets = &self.offsets;
+        for (si, seq) in self.seqs.iter_mut().enumerate() {
+            for t in 0..seq.tokens.len() {
+                let row = offsets[si] + t;
+                let (kr, vr) = (&k.data[row * kv_dim..(row + 1) * kv_dim], &v.data[row * kv_dim..(row + 1) * kv_dim]);
+                seq.cache.write(li, seq.start_pos + t, kr, vr);
+            }
+        }
+        let mut out = self.alloc(q.rows, q_dim);
+        {
+            let mut jobs = Vec::with_capacity(self.seqs.len());
+            let mut rest: &mut [f32] = &mut out.data;
+            for (si, seq) in self.seqs.iter().enumerate() {
+                let len = seq.tokens.len();
+                let (o, tail) = rest.split_at_mut(len * q_dim);
+                rest = tail;
+                let (kc, vc) = seq.cache.layer(li);
+                jobs.push(AttnSeq {
+                    q: &q.data[self.offsets[si] * q_dim..self.offsets[si + 1] * q_dim],
+                    k: kc,
+                    v: vc,
+                    cap: seq.cache.capacity(),
+                    start_pos: seq.start_pos,
+                    n_tok: len,
+                    out: o,
+                });
+            }
+            let scale = spec.scale.unwrap_or(1.0 / (hd as f32).sqrt());
+            kernels::attention(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, scale);
+        }
+        self.free(q);
+        self.free(k);
+        self.free(v);
+        Ok(out)
+    }
+
+    fn all_reduce(&mut self, mut x: CpuAct) -> Result<CpuAct> {
+        if let Some(link) = self.link.as_mut() {
+            link.all_reduce(&mut x.data)?;
+        }
+        Ok(x)
+    }
+
+    fn add(&mut self, x: &mut CpuAct, y: CpuAct) -> Result<()> {
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        self.free(y);
+        Ok(())
+    }
+
+    fn output_rows(&mut self, x: CpuAct) -> Result<CpuAct> {
+        if self.all_positions {
+            return Ok(x);
+        }
+        let width = x.width();
+        let mut out = self.alloc(self.seqs.len(), width);
+        for (dst, end) in out.data.chunks_mut(width.max(1)).zip(&self.offsets[1..]) {
+            let r = end.saturating_sub(1);
+            dst.copy_from_slice(&x.data[r * width..(r + 1) * width]);
+        }
+        self.free(x);
+        Ok(out)
+    }
+}
+
+/// The CPU computes on host weights as they are; a tied head is a window of the embedding.
+pub struct CpuWeights;
+
+impl WeightBuilder for CpuWeights {
+    type Kinds = Host;
+
+    fn linear(&mut self, l: HostLinear) -> Result<HostLinear> {
+        Ok(l)
+    }
+
+    fn norm(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(v)
+    }
+
+    fn embedding(&mut self, m: Matrix) -> Result<Matrix> {
+        Ok(m.into_shared())
+    }
+
+    fn tied_head(&mut self, embed: &Matrix, rows: std::ops::Range<usize>) -> Result<HostLinear> {
+        let w = embed
+            .row_window(rows.clone())
+            .ok_or_else(|| Error::Internal(format!("rows {rows:?} of the embedding for a tied lm_head")))?;
+        Ok(HostLinear::one(w, None))
+    }
+}
