@@ -50,3 +50,13 @@ def queue_then_release(gen, calls: list[dict], timeout: float = 10.0):
     finally:
         gen._engine._pause_scheduler(False)
     return started
+
+
+def mixed_call(i: int, sample: bool) -> dict:
+    """Request i of a concurrency test: different prompts, lengths and budgets per request, so the
+    batch mixes shapes; seeded sampling when `sample`."""
+    prompt = [3 + (i * 7 + t * 5) % 90 for t in range(2 + i % 5)]
+    kw = dict(max_new_tokens=8 + (i * 3) % 17, min_new_tokens=4)
+    if sample:
+        kw.update(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=100 + i)
+    return dict(inputs=[prompt], **kw)

@@ -7,18 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler_helpers import join_all, queue_then_release, run_threads, wait_for
+from scheduler_helpers import join_all, mixed_call, queue_then_release, run_threads, wait_for
 
 THREADS = 16
 
 
-def _call(i: int, sample: bool) -> dict:
-    # Different prompts, lengths and budgets per request, so the batch mixes shapes.
-    prompt = [3 + (i * 7 + t * 5) % 90 for t in range(2 + i % 5)]
-    kw = dict(max_new_tokens=8 + (i * 3) % 17, min_new_tokens=4)
-    if sample:
-        kw.update(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=100 + i)
-    return dict(inputs=[prompt], **kw)
+_call = mixed_call
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler_helpers import join_all, queue_then_release, wait_for
+from scheduler_helpers import join_all, mixed_call, queue_then_release, wait_for
 from tiny_models import (
     ALL_KINDS,
     LONG_TEXT,
@@ -346,13 +346,7 @@ def test_seeded_sampling_equals_tp1(case, hf_tok, tp_gen):
 THREADS = 16
 
 
-def _call(i: int, sample: bool) -> dict:
-    # as in test_serving_concurrency.py: different prompts, lengths and budgets per request
-    prompt = [3 + (i * 7 + t * 5) % 90 for t in range(2 + i % 5)]
-    kw = dict(max_new_tokens=8 + (i * 3) % 17, min_new_tokens=4)
-    if sample:
-        kw.update(do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=100 + i)
-    return dict(inputs=[prompt], **kw)
+_call = mixed_call  # as in test_serving_concurrency.py
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
