@@ -138,7 +138,7 @@ fn forward_rank(
     }
     let logits = model.forward(&mut ops)?;
     ops.finish();
-    Ok(logits.data)
+    Ok(logits.into_vec())
 }
 
 /// Splits the worker threads evenly between the ranks (at least one each).

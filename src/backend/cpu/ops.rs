@@ -19,15 +19,30 @@ pub struct SeqBatchItem<'a> {
     pub start_pos: usize,
 }
 
-/// Rows of f32 activations.
+/// Rows of f32 activations: the first `len` values of `buf` (a reused buffer may be longer; its
+/// tail is never read).
 pub struct CpuAct {
-    pub data: Vec<f32>,
-    pub rows: usize,
+    buf: Vec<f32>,
+    len: usize,
+    rows: usize,
 }
 
 impl CpuAct {
     fn width(&self) -> usize {
-        self.data.len().checked_div(self.rows).unwrap_or(0)
+        self.len.checked_div(self.rows).unwrap_or(0)
+    }
+
+    fn s(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+
+    fn m(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+
+    pub fn into_vec(mut self) -> Vec<f32> {
+        self.buf.truncate(self.len);
+        self.buf
     }
 }
 
@@ -76,15 +91,22 @@ impl<'s, 'c> CpuOps<'s, 'c> {
         }
     }
 
+    /// A buffer for rows x width values: the shortest spare one that is long enough, else the
+    /// longest, grown. Every op writes all of its output, so a reused buffer is not cleared (no
+    /// memset per op).
     fn alloc(&mut self, rows: usize, width: usize) -> CpuAct {
-        let mut data = self.spare.pop().unwrap_or_default();
-        data.clear();
-        data.resize(rows * width, 0.0);
-        CpuAct { data, rows }
+        let len = rows * width;
+        let fits = (0..self.spare.len()).filter(|&i| self.spare[i].len() >= len).min_by_key(|&i| self.spare[i].len());
+        let pick = fits.or_else(|| (0..self.spare.len()).max_by_key(|&i| self.spare[i].len()));
+        let mut buf = pick.map(|i| self.spare.swap_remove(i)).unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        CpuAct { buf, len, rows }
     }
 
     fn free(&mut self, a: CpuAct) {
-        self.spare.push(a.data);
+        self.spare.push(a.buf);
     }
 }
 
@@ -101,7 +123,7 @@ impl Ops for CpuOps<'_, '_> {
             for (t, &id) in seq.tokens.iter().enumerate() {
                 let row = self.offsets[s] + t;
                 check_token(id, s, seq.start_pos + t, table.rows)?;
-                table.row_f32(id as usize, &mut x.data[row * h..(row + 1) * h]);
+                table.row_f32(id as usize, &mut x.m()[row * h..(row + 1) * h]);
             }
         }
         Ok(x)
@@ -126,12 +148,12 @@ impl Ops for CpuOps<'_, '_> {
 
     fn rms_norm(&mut self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
         let mut out = self.alloc(x.rows, w.len());
-        kernels::rms_norm(&x.data, w, eps, &mut out.data);
+        kernels::rms_norm(x.s(), w, eps, out.m());
         Ok(out)
     }
 
     fn head_rms_norm(&mut self, mut x: CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
-        kernels::rms_norm_inplace(&mut x.data, w, eps);
+        kernels::rms_norm_inplace(x.m(), w, eps);
         Ok(x)
     }
 
@@ -139,7 +161,7 @@ impl Ops for CpuOps<'_, '_> {
         let (hd, width) = (rot.head_dim, x.width());
         for t in 0..x.rows {
             let (c, s) = (&rot.cos[t * hd..(t + 1) * hd], &rot.sin[t * hd..(t + 1) * hd]);
-            kernels::rope_inplace(&mut x.data[t * width..(t + 1) * width], heads, hd, c, s);
+            kernels::rope_inplace(&mut x.m()[t * width..(t + 1) * width], heads, hd, c, s);
         }
         Ok(x)
     }
@@ -150,9 +172,9 @@ impl Ops for CpuOps<'_, '_> {
             .parts
             .iter()
             .zip(outs.iter_mut())
-            .map(|(p, o)| Proj { w: &p.w, bias: p.bias.as_deref(), out: &mut o.data })
+            .map(|(p, o)| Proj { w: &p.w, bias: p.bias.as_deref(), out: o.m() })
             .collect();
-        kernels::linear_many(&x.data, x.rows, &mut projs);
+        kernels::linear_many(x.s(), x.rows, &mut projs);
         self.free(x);
         Ok(outs)
     }
@@ -167,10 +189,10 @@ impl Ops for CpuOps<'_, '_> {
         let mut g = self.alloc(x.rows, gate.w.rows);
         let mut u = self.alloc(x.rows, up.w.rows);
         kernels::linear_gated(
-            &x.data,
+            x.s(),
             x.rows,
-            Proj { w: &gate.w, bias: gate.bias.as_deref(), out: &mut g.data },
-            Proj { w: &up.w, bias: up.bias.as_deref(), out: &mut u.data },
+            Proj { w: &gate.w, bias: gate.bias.as_deref(), out: g.m() },
+            Proj { w: &up.w, bias: up.bias.as_deref(), out: u.m() },
         );
         self.free(u);
         self.free(x);
@@ -184,21 +206,21 @@ impl Ops for CpuOps<'_, '_> {
         for (si, seq) in self.seqs.iter_mut().enumerate() {
             for t in 0..seq.tokens.len() {
                 let row = offsets[si] + t;
-                let (kr, vr) = (&k.data[row * kv_dim..(row + 1) * kv_dim], &v.data[row * kv_dim..(row + 1) * kv_dim]);
+                let (kr, vr) = (&k.s()[row * kv_dim..(row + 1) * kv_dim], &v.s()[row * kv_dim..(row + 1) * kv_dim]);
                 seq.cache.write(li, seq.start_pos + t, kr, vr);
             }
         }
         let mut out = self.alloc(q.rows, q_dim);
         {
             let mut jobs = Vec::with_capacity(self.seqs.len());
-            let mut rest: &mut [f32] = &mut out.data;
+            let mut rest: &mut [f32] = out.m();
             for (si, seq) in self.seqs.iter().enumerate() {
                 let len = seq.tokens.len();
                 let (o, tail) = rest.split_at_mut(len * q_dim);
                 rest = tail;
                 let (kc, vc) = seq.cache.layer(li);
                 jobs.push(AttnSeq {
-                    q: &q.data[self.offsets[si] * q_dim..self.offsets[si + 1] * q_dim],
+                    q: &q.s()[self.offsets[si] * q_dim..self.offsets[si + 1] * q_dim],
                     k: kc,
                     v: vc,
                     cap: seq.cache.capacity(),
@@ -218,13 +240,13 @@ impl Ops for CpuOps<'_, '_> {
 
     fn all_reduce(&mut self, mut x: CpuAct) -> Result<CpuAct> {
         if let Some(link) = self.link.as_mut() {
-            link.all_reduce(&mut x.data)?;
+            link.all_reduce(x.m())?;
         }
         Ok(x)
     }
 
     fn add(&mut self, x: &mut CpuAct, y: CpuAct) -> Result<()> {
-        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        x.m().iter_mut().zip(y.s()).for_each(|(a, b)| *a += b);
         self.free(y);
         Ok(())
     }
@@ -235,9 +257,9 @@ impl Ops for CpuOps<'_, '_> {
         }
         let width = x.width();
         let mut out = self.alloc(self.seqs.len(), width);
-        for (dst, end) in out.data.chunks_mut(width.max(1)).zip(&self.offsets[1..]) {
+        for (dst, end) in out.m().chunks_mut(width.max(1)).zip(&self.offsets[1..]) {
             let r = end.saturating_sub(1);
-            dst.copy_from_slice(&x.data[r * width..(r + 1) * width]);
+            dst.copy_from_slice(&x.s()[r * width..(r + 1) * width]);
         }
         self.free(x);
         Ok(out)
