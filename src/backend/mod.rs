@@ -3,6 +3,7 @@
 //! streaming, batching) is written once in `generation` and `sampling`.
 
 pub mod cpu;
+pub mod neuron;
 pub mod select;
 #[cfg(feature = "torch")]
 pub mod torch;

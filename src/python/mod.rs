@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod errors;
 pub mod gguf;
+pub mod neuron;
 pub mod processing;
 pub mod request;
 pub mod tokenizer;
@@ -22,5 +23,6 @@ fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tokenizer::register(m)?;
     processing::register(m)?;
     gguf::register(m)?;
+    neuron::register(m)?;
     Ok(())
 }

@@ -1,0 +1,4 @@
+//! XLA HLO modules: the protobuf messages and a builder.
+
+pub mod builder;
+pub mod proto;
