@@ -17,6 +17,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tiny_models import ALL_KINDS
+
 pytest.importorskip("jax", reason="jax==0.10.2 / jaxlib==0.10.2 run the emitted HLO on XLA:CPU")
 
 HARNESS = textwrap.dedent(
@@ -94,3 +96,33 @@ def test_selfcheck_graph_sizes_are_validated(kvgen):
         kvgen._kvgen._hlo_selfcheck_graph(0, 8, 3, 6)
     with pytest.raises(kvgen.InvalidInputError, match="sizes"):
         kvgen._kvgen._hlo_selfcheck_graph(8, 8, 3, 4)  # the update is taller than the cache
+
+
+PREFILL = [1, 5, 9, 22, 7, 31, 40, 2, 17, 3, 11]  # longer than the Mistral fixture's window (8)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_recorded_forward_at_tp2_runs_on_xla_and_matches_the_cpu_backend(kind, kvgen, kv_model, model_dir, tmp_path):
+    """The family forward of src/model/, recorded through the HLO Ops backend for each rank of
+    tp_degree=2 (context encoding of one prompt), runs on XLA:CPU as one graph on two replicas;
+    the rank-order concatenation of the vocab-split logits equals the native CPU backend's."""
+    ranks = kvgen._kvgen._hlo_record_prefill(str(model_dir(kind)), 2, PREFILL)
+    assert len(ranks) == 2
+    assert bytes(ranks[0][0]) == bytes(ranks[1][0]), "both ranks must run the same graph"
+    names = [b[0] for b in ranks[0][1]]
+    assert [b[0] for b in ranks[1][1]] == names
+    inputs = {
+        name: [
+            np.frombuffer(bytes(ranks[r][1][i][3]), dtype=np.float32 if ranks[r][1][i][2] == "f32" else np.int32)
+            .reshape(ranks[r][1][i][1])
+            .copy()
+            for r in (0, 1)
+        ]
+        for i, name in enumerate(names)
+    }
+    outs = run_on_xla(tmp_path, bytes(ranks[0][0]), inputs)
+    logits = np.concatenate([outs[0][0], outs[0][1]], axis=-1)[0]
+    ref = kv_model(kind).logits(np.array([PREFILL]))[0, -1]
+    assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), kind
+    # Caches come back per rank (its kv heads), one k and one v per layer.
+    assert len(outs) == 1 + 2 * kv_model(kind).config.num_hidden_layers

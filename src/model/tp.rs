@@ -6,7 +6,7 @@
 //!   KV heads those query heads use; with fewer KV heads than ranks each rank holds a copy of the
 //!   one its query heads share (as transformers-neuronx and NxDI replicate them).
 //! - o_proj and down_proj: split by input columns; their partial sums are all-reduced. A bias is
-//!   added by rank 0 only, so it counts once in the sum.
+//!   rank 0's (the others hold zeros), so it counts once in the sum.
 //! - norms and the embedding: replicated. lm_head: split by vocabulary rows (a tied head is rows of
 //!   the replicated embedding, not a copy); the host concatenates the logits in rank order.
 //! - Quantized (GGUF) matrices: a row is its own run of whole blocks, so row splits keep the blocks
@@ -117,9 +117,11 @@ impl TpPlan {
         let row_part = |m: &Matrix, b: &Option<Vec<f32>>, range: &Range<usize>| -> Result<HostPart> {
             Ok(HostPart { w: rows(m, range.clone())?, bias: b.as_ref().map(|b| b[range.clone()].to_vec()) })
         };
-        // Row-parallel outputs are summed over ranks: the bias is rank 0's alone.
+        // Row-parallel outputs are summed over ranks: the bias is rank 0's; the other ranks add
+        // zeros, so every rank runs the same ops (one graph for all ranks on Neuron).
         let col_part = |m: &Matrix, b: &Option<Vec<f32>>, range: &Range<usize>| -> Result<HostPart> {
-            Ok(HostPart { w: m.column_copy(range.clone())?, bias: if r == 0 { b.clone() } else { None } })
+            let bias = b.as_ref().map(|b| if r == 0 { b.clone() } else { vec![0.0; b.len()] });
+            Ok(HostPart { w: m.column_copy(range.clone())?, bias })
         };
         Ok(Layer {
             input_norm: l.input_norm.clone(),
@@ -286,10 +288,10 @@ mod tests {
             assert_eq!((k.w.rows, first(&k.w)), (4, (4 * r * 1000) as f32 + 0.2));
             assert_eq!((v.w.rows, first(&v.w)), (4, (4 * r * 1000) as f32 + 0.3));
             assert_eq!(q.bias.as_ref().unwrap()[0], (8 * r) as f32);
-            // o: columns of those heads; its bias on rank 0 only.
+            // o: columns of those heads; its bias on rank 0 only (zeros elsewhere).
             let o = &l.o.parts[0];
             assert_eq!((o.w.rows, o.w.cols, first(&o.w)), (16, 8, (8 * r) as f32 + 0.4));
-            assert_eq!(o.bias.is_some(), r == 0);
+            assert_eq!(o.bias.as_ref().unwrap().iter().sum::<f32>(), if r == 0 { 120.0 } else { 0.0 });
             let down = &l.down.parts[0];
             assert_eq!((down.w.cols, first(&down.w)), (12, (12 * r) as f32 + 0.8));
             assert_eq!(l.gate_up.parts[1].w.rows, 12);

@@ -14,5 +14,43 @@ fn _hlo_selfcheck_graph(py: Python<'_>, n: i64, k: i64, m: i64, rows: i64) -> Py
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(_hlo_selfcheck_graph, m)?)
+    m.add_function(wrap_pyfunction!(_hlo_selfcheck_graph, m)?)?;
+    m.add_function(wrap_pyfunction!(_hlo_record_prefill, m)?)
 }
+
+/// `_hlo_record_prefill(model_dir, tp_degree, tokens) -> [(module bytes, [(name, dims, "f32"|"s32", data bytes)])]`,
+/// one entry per rank: the family forward recorded as each rank's context-encoding graph.
+#[pyfunction]
+fn _hlo_record_prefill(py: Python<'_>, model_dir: String, tp_degree: usize, tokens: Vec<u32>) -> PyResult<Vec<RankGraph>> {
+    use crate::backend::neuron::record::record_prefill;
+    let ranks = py
+        .detach(|| -> crate::error::Result<_> {
+            let dir = std::path::Path::new(&model_dir);
+            let cfg = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
+            let plan = crate::model::tp::TpPlan::new(&cfg, tp_degree)?;
+            let src = crate::weights::safetensors::SafetensorsSource::open_dir(dir)?;
+            let weights = crate::weights::llama::load(&src, &cfg, crate::tensor::DType::F32, &mut |_, _| {})?;
+            record_prefill(&cfg, &plan.shapes, plan.shard(&cfg, weights)?, &tokens)
+        })
+        .map_err(to_py)?;
+    Ok(ranks
+        .into_iter()
+        .map(|r| {
+            let inputs = r
+                .bindings
+                .into_iter()
+                .map(|b| {
+                    let (kind, data) = match (b.f32s, b.s32s) {
+                        (Some(v), _) => ("f32", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                        (None, Some(v)) => ("s32", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                        (None, None) => ("f32", Vec::new()),
+                    };
+                    (b.name, b.dims, kind.to_string(), data)
+                })
+                .collect();
+            (r.module, inputs)
+        })
+        .collect())
+}
+
+type RankGraph = (Vec<u8>, Vec<(String, Vec<i64>, String, Vec<u8>)>);

@@ -157,8 +157,129 @@ impl ModuleBuilder {
         Ok(self.push("dot", Shape::new(sa.ty, &dims), &[a, b], |ins| ins.dot_dimension_numbers = Some(numbers)))
     }
 
-    /// The scalar add computation a sum-reduction calls.
-    fn add_computation(&mut self, ty: PrimitiveType) -> i64 {
+    /// An elementwise op of one operand ("rsqrt", "exponential", "logistic", "negate", ...).
+    pub fn unary(&mut self, opcode: &str, x: Node) -> Node {
+        let s = self.shape(x).clone();
+        self.push(opcode, s, &[x], |_| {})
+    }
+
+    pub fn constant_s32(&mut self, value: i32) -> Node {
+        let shape = Shape::new(PrimitiveType::S32, &[]);
+        let literal = LiteralProto { shape: Some(shape.proto()), s32s: vec![value], ..Default::default() };
+        self.push("constant", shape, &[], |ins| ins.literal = Some(literal))
+    }
+
+    /// A scalar f32 constant broadcast to `dims`.
+    pub fn full(&mut self, value: f32, dims: &[i64]) -> Result<Node> {
+        let c = self.constant_f32(value);
+        self.broadcast(c, dims, &[])
+    }
+
+    /// 0, 1, 2, ... along `dim` of an s32 array of `dims`.
+    pub fn iota(&mut self, dims: &[i64], dim: i64) -> Node {
+        self.push("iota", Shape::new(PrimitiveType::S32, dims), &[], |ins| ins.dimensions = vec![dim])
+    }
+
+    /// Elementwise comparison ("EQ", "LE", ...) giving a PRED array.
+    pub fn compare(&mut self, a: Node, b: Node, direction: &str) -> Result<Node> {
+        let (sa, sb) = (self.shape(a).clone(), self.shape(b).clone());
+        if sa != sb {
+            return Err(shape_err("compare", format!("operands {sa:?} and {sb:?} differ")));
+        }
+        let dir = direction.to_string();
+        Ok(self.push("compare", Shape::new(PrimitiveType::Pred, &sa.dims), &[a, b], |ins| ins.comparison_direction = dir))
+    }
+
+    pub fn convert(&mut self, x: Node, ty: PrimitiveType) -> Node {
+        let dims = self.shape(x).dims.clone();
+        self.push("convert", Shape::new(ty, &dims), &[x], |_| {})
+    }
+
+    /// Sum ("add") or max ("maximum") of an f32 array over `dims`.
+    pub fn reduce(&mut self, x: Node, dims: &[i64], op: &str) -> Result<Node> {
+        let s = self.shape(x).clone();
+        if s.ty != PrimitiveType::F32 || dims.iter().any(|&d| d < 0 || d as usize >= s.dims.len()) {
+            return Err(shape_err("reduce", format!("{s:?} over {dims:?}")));
+        }
+        let init = if op == "maximum" { f32::NEG_INFINITY } else { 0.0 };
+        let init = self.constant_f32(init);
+        let callee = self.scalar_computation(s.ty, op);
+        let out: Vec<i64> = s.dims.iter().enumerate().filter(|(i, _)| !dims.contains(&(*i as i64))).map(|(_, &d)| d).collect();
+        let dims = dims.to_vec();
+        Ok(self.push("reduce", Shape::new(s.ty, &out), &[x, init], |ins| {
+            ins.dimensions = dims;
+            ins.called_computation_ids = vec![callee];
+        }))
+    }
+
+    /// `x[start..limit]` along every dimension (stride 1).
+    pub fn slice(&mut self, x: Node, start: &[i64], limit: &[i64]) -> Result<Node> {
+        let s = self.shape(x).clone();
+        let ok = start.len() == s.dims.len()
+            && limit.len() == s.dims.len()
+            && start.iter().zip(limit).zip(&s.dims).all(|((&a, &b), &d)| 0 <= a && a <= b && b <= d);
+        if !ok {
+            return Err(shape_err("slice", format!("{start:?}..{limit:?} of {:?}", s.dims)));
+        }
+        let dims: Vec<i64> = start.iter().zip(limit).map(|(a, b)| b - a).collect();
+        let sd = start.iter().zip(limit).map(|(&a, &b)| SliceDimensions { start: a, limit: b, stride: 1 }).collect();
+        Ok(self.push("slice", Shape::new(s.ty, &dims), &[x], |ins| ins.slice_dimensions = sd))
+    }
+
+    pub fn concatenate(&mut self, parts: &[Node], dim: i64) -> Result<Node> {
+        let first = self.shape(parts[0]).clone();
+        let mut dims = first.dims.clone();
+        dims[dim as usize] = 0;
+        for &p in parts {
+            let s = self.shape(p);
+            let same = s.ty == first.ty
+                && s.dims.len() == first.dims.len()
+                && s.dims.iter().zip(&first.dims).enumerate().all(|(i, (a, b))| i as i64 == dim || a == b);
+            if !same {
+                return Err(shape_err("concatenate", format!("{s:?} with {first:?} along {dim}")));
+            }
+            dims[dim as usize] += s.dims[dim as usize];
+        }
+        Ok(self.push("concatenate", Shape::new(first.ty, &dims), parts, |ins| ins.dimensions = vec![dim]))
+    }
+
+    pub fn transpose(&mut self, x: Node, perm: &[i64]) -> Result<Node> {
+        let s = self.shape(x).clone();
+        let mut seen = perm.to_vec();
+        seen.sort_unstable();
+        if seen != (0..s.dims.len() as i64).collect::<Vec<_>>() {
+            return Err(shape_err("transpose", format!("{perm:?} of {:?}", s.dims)));
+        }
+        let dims: Vec<i64> = perm.iter().map(|&p| s.dims[p as usize]).collect();
+        Ok(self.push("transpose", Shape::new(s.ty, &dims), &[x], |ins| ins.dimensions = perm.to_vec()))
+    }
+
+    /// A batched matrix product: batch dims first (`lhs_b` with `rhs_b`), then `a`'s free dims,
+    /// then `b`'s, contracting `lhs_c` with `rhs_c`.
+    pub fn dot_general(&mut self, a: Node, b: Node, lhs_b: &[i64], rhs_b: &[i64], lhs_c: i64, rhs_c: i64) -> Result<Node> {
+        let (sa, sb) = (self.shape(a).clone(), self.shape(b).clone());
+        let dim = |s: &Shape, i: i64| s.dims.get(i as usize).copied();
+        let batch_ok = lhs_b.len() == rhs_b.len() && lhs_b.iter().zip(rhs_b).all(|(&l, &r)| dim(&sa, l).is_some() && dim(&sa, l) == dim(&sb, r));
+        if sa.ty != sb.ty || !batch_ok || dim(&sa, lhs_c).is_none() || dim(&sa, lhs_c) != dim(&sb, rhs_c) {
+            return Err(shape_err("dot", format!("{sa:?} . {sb:?} batch {lhs_b:?}/{rhs_b:?} over {lhs_c}/{rhs_c}")));
+        }
+        let free = |s: &Shape, bd: &[i64], c: i64| {
+            s.dims.iter().enumerate().filter(|(i, _)| *i as i64 != c && !bd.contains(&(*i as i64))).map(|(_, &d)| d).collect::<Vec<_>>()
+        };
+        let mut dims: Vec<i64> = lhs_b.iter().map(|&l| sa.dims[l as usize]).collect();
+        dims.extend(free(&sa, lhs_b, lhs_c));
+        dims.extend(free(&sb, rhs_b, rhs_c));
+        let numbers = DotDimensionNumbers {
+            lhs_contracting_dimensions: vec![lhs_c],
+            rhs_contracting_dimensions: vec![rhs_c],
+            lhs_batch_dimensions: lhs_b.to_vec(),
+            rhs_batch_dimensions: rhs_b.to_vec(),
+        };
+        Ok(self.push("dot", Shape::new(sa.ty, &dims), &[a, b], |ins| ins.dot_dimension_numbers = Some(numbers)))
+    }
+
+    /// The scalar computation (x op y) a reduction calls.
+    fn scalar_computation(&mut self, ty: PrimitiveType, op: &str) -> i64 {
         let scalar = Shape::new(ty, &[]);
         let id = self.fresh_id();
         let (p0, p1, add) = (self.fresh_id(), self.fresh_id(), self.fresh_id());
@@ -171,15 +292,15 @@ impl ModuleBuilder {
             ..Default::default()
         };
         let sum = HloInstructionProto {
-            name: format!("add.{add}"),
-            opcode: "add".into(),
+            name: format!("{op}.{add}"),
+            opcode: op.into(),
             shape: Some(scalar.proto()),
             id: add,
             operand_ids: vec![p0, p1],
             ..Default::default()
         };
         self.callees.push(HloComputationProto {
-            name: format!("sum.{id}"),
+            name: format!("{}.{id}", if op == "add" { "sum" } else { op }),
             instructions: vec![param(0, p0), param(1, p1), sum],
             program_shape: Some(ProgramShapeProto {
                 parameters: vec![scalar.proto(), scalar.proto()],
@@ -198,7 +319,7 @@ impl ModuleBuilder {
         if !matches!(s.ty, PrimitiveType::F32 | PrimitiveType::Bf16 | PrimitiveType::F16) {
             return Err(shape_err("all-reduce", format!("{:?} values (collectives take floats only)", s.ty)));
         }
-        let sum = self.add_computation(s.ty);
+        let sum = self.scalar_computation(s.ty, "add");
         let groups = groups.iter().map(|g| ReplicaGroup { replica_ids: g.clone() }).collect();
         Ok(self.push("all-reduce", s, &[x], |ins| {
             ins.called_computation_ids = vec![sum];
