@@ -15,14 +15,22 @@ fn _hlo_selfcheck_graph(py: Python<'_>, n: i64, k: i64, m: i64, rows: i64) -> Py
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_hlo_selfcheck_graph, m)?)?;
-    m.add_function(wrap_pyfunction!(_hlo_record_prefill, m)?)
+    m.add_function(wrap_pyfunction!(_hlo_record_step, m)?)
 }
 
-/// `_hlo_record_prefill(model_dir, tp_degree, tokens) -> [(module bytes, [(name, dims, "f32"|"s32", data bytes)])]`,
-/// one entry per rank: the family forward recorded as each rank's context-encoding graph.
+/// `_hlo_record_step(model_dir, tp_degree, tokens, start_pos, cache_len) ->
+/// [(module bytes, [(name, dims, "f32"|"s32", data bytes)])]`, one entry per rank: the family
+/// forward recorded as each rank's graph for this step shape, with this step's input values.
 #[pyfunction]
-fn _hlo_record_prefill(py: Python<'_>, model_dir: String, tp_degree: usize, tokens: Vec<u32>) -> PyResult<Vec<RankGraph>> {
-    use crate::backend::neuron::record::record_prefill;
+fn _hlo_record_step(
+    py: Python<'_>,
+    model_dir: String,
+    tp_degree: usize,
+    tokens: Vec<u32>,
+    start_pos: usize,
+    cache_len: usize,
+) -> PyResult<Vec<RankGraph>> {
+    use crate::backend::neuron::record::record_step;
     let ranks = py
         .detach(|| -> crate::error::Result<_> {
             let dir = std::path::Path::new(&model_dir);
@@ -30,7 +38,7 @@ fn _hlo_record_prefill(py: Python<'_>, model_dir: String, tp_degree: usize, toke
             let plan = crate::model::tp::TpPlan::new(&cfg, tp_degree)?;
             let src = crate::weights::safetensors::SafetensorsSource::open_dir(dir)?;
             let weights = crate::weights::llama::load(&src, &cfg, crate::tensor::DType::F32, &mut |_, _| {})?;
-            record_prefill(&cfg, &plan.shapes, plan.shard(&cfg, weights)?, &tokens)
+            record_step(&cfg, &plan.shapes, plan.shard(&cfg, weights)?, &tokens, start_pos, cache_len)
         })
         .map_err(to_py)?;
     Ok(ranks

@@ -3,8 +3,9 @@
 //! parameters (the caches aliased input->output), the all-reduces are XLA all-reduces over the
 //! rank group, and every shape is fixed at recording time (the bucket).
 //!
-//! First slice: context encoding of one unpadded sequence of `tokens` at position 0, f32, the
-//! rotary tables and the causal mask as host-computed inputs. The embedding lookup is a one-hot
+//! So far: one sequence (batch 1), f32, `n` new tokens at a position given as an input, the rotary
+//! tables and the causal/sliding-window masks as host-computed inputs (in-graph masks from the
+//! position input come with the export). The embedding lookup is a one-hot
 //! product (exact in f32: one nonzero term per sum); a gather comes with the export.
 
 use std::cell::RefCell;
@@ -107,6 +108,8 @@ impl WeightBuilder for HloWeights<'_> {
 struct HloOps<'r> {
     rec: &'r RefCell<Recorder>,
     tokens: Vec<u32>,
+    /// Position of the first new token (bound as an input: graphs do not depend on it).
+    start_pos: usize,
     cache_len: i64,
     ranks: usize,
     /// (cache output, its parameter number) per layer and k/v, for the root tuple.
@@ -169,11 +172,11 @@ impl Ops for HloOps<'_> {
         if index != 0 {
             return Err(Error::Internal(format!("the HLO recorder has no tables for rope {index}")));
         }
-        let (t, hd) = (self.tokens.len(), rope.head_dim());
-        let inv_freq = rope.inv_freq_for(t);
+        let (t, hd, p0) = (self.tokens.len(), rope.head_dim(), self.start_pos);
+        let inv_freq = rope.inv_freq_for(p0 + t);
         let (mut cos, mut sin) = (vec![0f32; t * hd], vec![0f32; t * hd]);
-        for p in 0..t {
-            Rope::cos_sin(&inv_freq, p, &mut cos[p * hd..(p + 1) * hd], &mut sin[p * hd..(p + 1) * hd]);
+        for i in 0..t {
+            Rope::cos_sin(&inv_freq, p0 + i, &mut cos[i * hd..(i + 1) * hd], &mut sin[i * hd..(i + 1) * hd]);
         }
         let mut r = self.b();
         Ok((r.param_f32("cos", &[t as i64, hd as i64], cos), r.param_f32("sin", &[t as i64, hd as i64], sin)))
@@ -245,11 +248,12 @@ impl Ops for HloOps<'_> {
         let (nh, nkv, hd) = (spec.heads as i64, spec.kv_heads as i64, spec.head_dim as i64);
         let g = nh / nkv;
         let position = self.position;
+        let p0 = self.start_pos as i64;
         let mask = self.masks.iter().find(|(w, _)| *w == spec.window).map(|&(_, m)| m);
         let mut r = self.b();
         let position = match position {
             Some(p) => p,
-            None => r.param_s32("position", &[], vec![0]),
+            None => r.param_s32("position", &[], vec![p0 as i32]),
         };
         let mask = match mask {
             Some(m) => m,
@@ -257,7 +261,7 @@ impl Ops for HloOps<'_> {
                 // Additive mask over the cache: query i sees keys j <= i (and j > i - window), a
                 // large finite negative elsewhere (never -inf: no NaN from an all-masked row).
                 let visible = |q: i64, j: i64| j <= q && spec.window.is_none_or(|w| j > q - w as i64);
-                let m: Vec<f32> = (0..t * s).map(|i| if visible(i / s, i % s) { 0.0 } else { -1e30 }).collect();
+                let m: Vec<f32> = (0..t * s).map(|i| if visible(p0 + i / s, i % s) { 0.0 } else { -1e30 }).collect();
                 let name = match spec.window {
                     Some(w) => format!("mask_window{w}"),
                     None => "mask".to_string(),
@@ -333,13 +337,29 @@ pub struct RecordedRank {
     pub bindings: Vec<Binding>,
 }
 
-/// Records the context-encoding step of `tokens` (position 0, cache of `tokens.len()` positions)
-/// for each rank of `shapes`: the same graph on every rank, bound to that rank's shards. Outputs:
-/// the rank's logits for the last token ([1, vocab/ranks]) and every layer's K and V cache.
-pub fn record_prefill(cfg: &ModelConfig, shapes: &[RankShape], ranks: Vec<HostWeights>, tokens: &[u32]) -> Result<Vec<RecordedRank>> {
+/// Records the step that appends `tokens` at `start_pos` to caches of `cache_len` positions, for
+/// each rank of `shapes`: the same graph on every rank, bound to that rank's shards. The graph
+/// depends only on (tokens.len(), cache_len) — context encoding when the prompt starts at 0, token
+/// generation for one token — its inputs (token ids, position, rotary tables, masks, caches) carry
+/// the rest. Outputs: the rank's logits for the last token ([1, vocab/ranks]) and every layer's
+/// K and V cache (aliased to their inputs; the caller feeds them to the next step).
+pub fn record_step(
+    cfg: &ModelConfig,
+    shapes: &[RankShape],
+    ranks: Vec<HostWeights>,
+    tokens: &[u32],
+    start_pos: usize,
+    cache_len: usize,
+) -> Result<Vec<RecordedRank>> {
     use prost::Message;
     if tokens.is_empty() || tokens.iter().any(|&t| t as usize >= cfg.vocab_size) {
-        return Err(Error::invalid(format!("record a prefill of 1 or more token ids below the vocabulary size {}", cfg.vocab_size)));
+        return Err(Error::invalid(format!("record a step of 1 or more token ids below the vocabulary size {}", cfg.vocab_size)));
+    }
+    if start_pos + tokens.len() > cache_len || cache_len > 1 << 20 {
+        return Err(Error::invalid(format!(
+            "a step of {} tokens at position {start_pos} does not fit a cache of {cache_len} positions (at most 2^20)",
+            tokens.len()
+        )));
     }
     let mut out = Vec::with_capacity(ranks.len());
     for (shape, w) in shapes.iter().zip(ranks) {
@@ -349,7 +369,8 @@ pub fn record_prefill(cfg: &ModelConfig, shapes: &[RankShape], ranks: Vec<HostWe
         let mut ops = HloOps {
             rec: &rec,
             tokens: tokens.to_vec(),
-            cache_len: tokens.len() as i64,
+            start_pos,
+            cache_len: cache_len as i64,
             ranks: shapes.len(),
             caches: vec![],
             position: None,
