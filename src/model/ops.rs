@@ -46,6 +46,13 @@ pub struct AttnSpec {
     pub scale: Option<f32>,
 }
 
+impl AttnSpec {
+    /// The scale, 1/sqrt(head_dim) unless the family sets one.
+    pub fn scale_or_default(&self) -> f32 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+}
+
 /// The step of one rank, as a backend executes (or records) it. Inputs an op consumes are taken
 /// by value, so a backend can reuse their buffers.
 pub trait Ops {

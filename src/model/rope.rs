@@ -81,6 +81,19 @@ impl Rope {
         }
     }
 
+    /// cos and sin tables (head_dim per position, rows in the order given) for a forward call
+    /// whose longest sequence is `seq_len` (see `inv_freq_for`).
+    pub fn tables(&self, positions: impl ExactSizeIterator<Item = usize>, seq_len: usize) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.head_dim;
+        let inv_freq = self.inv_freq_for(seq_len);
+        let n = positions.len();
+        let (mut cos, mut sin) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+        for (i, p) in positions.enumerate() {
+            Self::cos_sin(&inv_freq, p, &mut cos[i * hd..(i + 1) * hd], &mut sin[i * hd..(i + 1) * hd]);
+        }
+        (cos, sin)
+    }
+
     /// cos and sin (head_dim each, HF layout cat(freqs, freqs)) for one position.
     pub fn cos_sin(inv_freq: &[f32], position: usize, cos: &mut [f32], sin: &mut [f32]) {
         let half = inv_freq.len();

@@ -130,20 +130,11 @@ impl Ops for CpuOps<'_, '_> {
     }
 
     fn rotary(&mut self, _index: usize, rope: &Rope) -> Result<Rotary> {
-        let hd = rope.head_dim();
         // Dynamic NTK depends on the longest sequence in the call, as in transformers.
         let seq_len = self.seqs.iter().map(|s| s.start_pos + s.tokens.len()).max().unwrap_or(0);
-        let inv_freq = rope.inv_freq_for(seq_len);
-        let n = self.tokens();
-        let (mut cos, mut sin) = (vec![0f32; n * hd], vec![0f32; n * hd]);
-        let mut t = 0;
-        for seq in self.seqs.iter() {
-            for pos in seq.start_pos..seq.start_pos + seq.tokens.len() {
-                Rope::cos_sin(&inv_freq, pos, &mut cos[t * hd..(t + 1) * hd], &mut sin[t * hd..(t + 1) * hd]);
-                t += 1;
-            }
-        }
-        Ok(Rotary { cos, sin, head_dim: hd })
+        let positions: Vec<usize> = self.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.tokens.len()).collect();
+        let (cos, sin) = rope.tables(positions.into_iter(), seq_len);
+        Ok(Rotary { cos, sin, head_dim: rope.head_dim() })
     }
 
     fn rms_norm(&mut self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
@@ -229,8 +220,7 @@ impl Ops for CpuOps<'_, '_> {
                     out: o,
                 });
             }
-            let scale = spec.scale.unwrap_or(1.0 / (hd as f32).sqrt());
-            kernels::attention(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, scale);
+            kernels::attention(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, spec.scale_or_default());
         }
         self.free(q);
         self.free(k);

@@ -58,21 +58,28 @@ impl Recorder {
 struct HloWeights<'r> {
     rec: &'r RefCell<Recorder>,
     count: usize,
-    /// The embedding's values and width, for a tied head's rows.
-    embed: Option<(Vec<f32>, usize)>,
+    /// The embedding's binding (its values) and width, for a tied head's rows.
+    embed: Option<(usize, usize)>,
 }
 
 impl HloWeights<'_> {
-    fn matrix(&mut self, m: &Matrix) -> Result<Node> {
+    fn values(m: &Matrix) -> Result<Vec<f32>> {
+        m.data.try_to_f32_vec().map_err(|e| e.into_error("a weight for an HLO graph", "free memory"))
+    }
+
+    fn param(&mut self, dims: &[i64], data: Vec<f32>) -> Node {
         self.count += 1;
-        let data = m.data.try_to_f32_vec().map_err(|e| e.into_error("a weight for an HLO graph", "free memory"))?;
-        Ok(self.rec.borrow_mut().param_f32(&format!("w{}", self.count), &[m.rows as i64, m.cols as i64], data))
+        self.rec.borrow_mut().param_f32(&format!("w{}", self.count), dims, data)
+    }
+
+    fn matrix(&mut self, m: &Matrix) -> Result<Node> {
+        let data = Self::values(m)?;
+        Ok(self.param(&[m.rows as i64, m.cols as i64], data))
     }
 
     fn vector(&mut self, v: Vec<f32>) -> Node {
-        self.count += 1;
         let n = v.len() as i64;
-        self.rec.borrow_mut().param_f32(&format!("w{}", self.count), &[n], v)
+        self.param(&[n], v)
     }
 }
 
@@ -89,18 +96,17 @@ impl WeightBuilder for HloWeights<'_> {
 
     fn embedding(&mut self, m: Matrix) -> Result<Node> {
         let node = self.matrix(&m)?;
-        self.embed = Some((m.data.try_to_f32_vec().map_err(|e| e.into_error("the embedding", "free memory"))?, m.cols));
+        self.embed = Some((self.rec.borrow().bindings.len() - 1, m.cols));
         Ok(node)
     }
 
     /// The rank's rows of the embedding as a parameter of their own: a slice at a rank-dependent
     /// offset would make the ranks' graphs differ, and every rank must run the same graph.
     fn tied_head(&mut self, _embed: &Node, rows: std::ops::Range<usize>) -> Result<Vec<(Node, Option<Node>)>> {
-        let (values, cols) = self.embed.take().ok_or_else(|| Error::Internal("a tied head before the embedding".into()))?;
-        let data = values[rows.start * cols..rows.end * cols].to_vec();
-        self.count += 1;
-        let head = self.rec.borrow_mut().param_f32(&format!("w{}", self.count), &[rows.len() as i64, cols as i64], data);
-        Ok(vec![(head, None)])
+        let (binding, cols) = self.embed.ok_or_else(|| Error::Internal("a tied head before the embedding".into()))?;
+        let data = self.rec.borrow().bindings[binding].f32s.as_ref().map(|v| v[rows.start * cols..rows.end * cols].to_vec());
+        let data = data.ok_or_else(|| Error::Internal("the embedding has no f32 values".into()))?;
+        Ok(vec![(self.param(&[rows.len() as i64, cols as i64], data), None)])
     }
 }
 
@@ -173,11 +179,7 @@ impl Ops for HloOps<'_> {
             return Err(Error::Internal(format!("the HLO recorder has no tables for rope {index}")));
         }
         let (t, hd, p0) = (self.tokens.len(), rope.head_dim(), self.start_pos);
-        let inv_freq = rope.inv_freq_for(p0 + t);
-        let (mut cos, mut sin) = (vec![0f32; t * hd], vec![0f32; t * hd]);
-        for i in 0..t {
-            Rope::cos_sin(&inv_freq, p0 + i, &mut cos[i * hd..(i + 1) * hd], &mut sin[i * hd..(i + 1) * hd]);
-        }
+        let (cos, sin) = rope.tables(p0..p0 + t, p0 + t);
         let mut r = self.b();
         Ok((r.param_f32("cos", &[t as i64, hd as i64], cos), r.param_f32("sin", &[t as i64, hd as i64], sin)))
     }
@@ -284,8 +286,7 @@ impl Ops for HloOps<'_> {
         let kt = r.b.transpose(kc, &[1, 0, 2])?;
         let vt = r.b.transpose(vc, &[1, 0, 2])?;
         let scores = r.b.dot_general(qb, kt, &[0], &[0], 2, 2)?;
-        let scale = spec.scale.unwrap_or(1.0 / (hd as f32).sqrt());
-        let sc = r.b.full(scale, &[nkv, g * t, s])?;
+        let sc = r.b.full(spec.scale_or_default(), &[nkv, g * t, s])?;
         let scores = r.b.binary("multiply", scores, sc)?;
         let m4 = r.b.broadcast(mask, &[nkv, g, t, s], &[2, 3])?;
         let m3 = r.b.reshape(m4, &[nkv, g * t, s])?;

@@ -189,12 +189,7 @@ impl StepPlan {
         // cos/sin on the host with the shared rope code (f32, as transformers computes them), cast
         // to the compute dtype on the device as transformers casts them. Rope frequencies follow
         // the real length, also when a recorded graph attends over whole buckets.
-        let inv_freq = rope.inv_freq_for(needed);
-        let mut cos = vec![0f32; b * t_max * hd];
-        let mut sin = vec![0f32; b * t_max * hd];
-        for (g, &p) in positions.iter().enumerate() {
-            Rope::cos_sin(&inv_freq, p, &mut cos[g * hd..(g + 1) * hd], &mut sin[g * hd..(g + 1) * hd]);
-        }
+        let (cos, sin) = rope.tables(positions.iter().copied(), needed);
         let shape = [b as i64, t_max as i64, 1, hd as i64];
         let trig = |v: &[f32]| -> Result<Tensor> {
             Tensor::f_from_slice(v)
