@@ -1,9 +1,9 @@
-//! The Neuron path (issue 12, in progress): XLA HLO graphs emitted by kvgen for neuronx-cc. So far
-//! the wire format (`hlo::proto`), a shape-checked module builder (`hlo::builder`), and the
-//! recording backend (`record`): the family forward of `model/` run through an `Ops` that emits
-//! HLO, one graph for every rank of a tensor-parallel plan. `tests/test_neuron_hlo.py` runs the
-//! emitted bytes on XLA:CPU with two replicas. Export/manifest, buckets and decode graphs,
-//! neuronx-cc and the libnrt runtime come next.
+//! The Neuron path: kvgen records the family forward of `model/` as XLA HLO graphs (`record`,
+//! `hlo`), one per (phase, batch, bucket), exports them with a manifest (`export`, `manifest`) for
+//! neuronx-cc, and runs them (`backend`) through an executor (`executor`): libnrt on NeuronCores
+//! (`nrt`) or XLA's CPU backend on the same graph bytes (`xla_cpu`).
 
+pub mod executor;
 pub mod hlo;
+pub mod manifest;
 pub mod record;
