@@ -135,20 +135,106 @@ impl Engine {
         let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
-            Some(Arc::new(Tokenizer::from_dir(dir)?))
-        } else {
-            None
-        };
-        let gen_path = dir.join("generation_config.json");
-        let generation_config = if gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(&gen_path, format!("invalid JSON: {e}")))?
-        } else {
-            serde_json::Value::Object(Default::default())
-        };
+        let (tokenizer, generation_config) = read_extras(dir)?;
         Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype })
     }
+}
+
+impl Engine {
+    /// `device="neuron"`: the checkpoint sharded by `tp_degree` and run as exported graphs
+    /// (`backend::neuron`). dtype "auto" means bfloat16 graphs, the device's native type.
+    pub fn load_neuron(
+        name: &str,
+        dtype: &str,
+        opts: &crate::backend::neuron::backend::NeuronOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Engine> {
+        let (path, config, weights, dtype) = read_checkpoint(name, dtype, progress)?;
+        let plan = TpPlan::new(&config, opts.set.tp_degree)?;
+        let mut opts = opts.clone();
+        opts.set.dtype = neuron_elem(dtype);
+        let shards = plan.shard(&config, weights)?;
+        let backend = Arc::new(crate::backend::neuron::backend::NeuronBackend::new(&config, &plan, shards, &opts)?);
+        let (tokenizer, generation_config) = read_extras(&path)?;
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path, dtype })
+    }
+}
+
+/// The graphs' element type for a load dtype (f16 was refused by `read_checkpoint`).
+fn neuron_elem(dtype: DType) -> crate::backend::neuron::manifest::ElemType {
+    use crate::backend::neuron::manifest::ElemType;
+    match dtype {
+        DType::F32 => ElemType::Float32,
+        _ => ElemType::Bfloat16,
+    }
+}
+
+/// `kvgen.neuron.export`: the graph set of a checkpoint, written to `out_dir`.
+pub fn neuron_export(
+    name: &str,
+    out_dir: &Path,
+    dtype: &str,
+    set: &crate::backend::neuron::export::SetOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PathBuf> {
+    let (_, config, weights, dtype) = read_checkpoint(name, dtype, progress)?;
+    let mut set = set.clone();
+    set.dtype = neuron_elem(dtype);
+    crate::backend::neuron::export::export(&config, weights, out_dir, &set)
+}
+
+/// A checkpoint (model directory or .gguf file, dequantized) for the Neuron graphs: float32 or
+/// bfloat16 ("auto").
+fn read_checkpoint(
+    name: &str,
+    dtype: &str,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(PathBuf, ModelConfig, LlamaWeights, DType)> {
+    let dtype = match parse_dtype(dtype)? {
+        None | Some(DType::BF16) => DType::BF16,
+        Some(DType::F32) => DType::F32,
+        Some(_) => {
+            return Err(Error::invalid(
+                "dtype=\"float16\" is not a Neuron graph type; use \"bfloat16\" (the default) or \"float32\"",
+            ))
+        }
+    };
+    let path = crate::resolve::resolve_model(name)?;
+    if path.is_file() {
+        let source = GgufSource::open(&path)?;
+        let config = crate::weights::gguf::model_config(&source.file, source.config_json()?)?;
+        let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
+        return Ok((path, config, weights, dtype));
+    }
+    let config_path = path.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::NotFound {
+            path: config_path.clone(),
+            message: format!("{} has no config.json; is it a transformers model directory?", path.display()),
+        });
+    }
+    let config = ModelConfig::from_file(&config_path)?;
+    let source = SafetensorsSource::open_dir(&path)?;
+    let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
+    Ok((path, config, weights, dtype))
+}
+
+/// The tokenizer and generation_config.json next to a checkpoint (a GGUF file carries its own).
+fn read_extras(path: &Path) -> Result<(Option<Arc<Tokenizer>>, serde_json::Value)> {
+    if path.is_file() {
+        let source = GgufSource::open(path)?;
+        let raw = source.config_json()?;
+        return Ok((Some(Arc::new(Tokenizer::from_gguf(&source.file)?)), crate::weights::gguf::generation_config_json(&raw)));
+    }
+    let tokenizer = if path.join("tokenizer.json").is_file() { Some(Arc::new(Tokenizer::from_dir(path)?)) } else { None };
+    let gen_path = path.join("generation_config.json");
+    let generation_config = if gen_path.is_file() {
+        let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(&gen_path, format!("invalid JSON: {e}")))?
+    } else {
+        serde_json::Value::Object(Default::default())
+    };
+    Ok((tokenizer, generation_config))
 }
 
 /// Where a model loads: the backend and its tensor-parallel degree (checked against the config

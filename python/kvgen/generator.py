@@ -91,6 +91,11 @@ class Generator:
         dtype: str = "auto",
         tp_degree: int = 1,
         backend: str = "auto",
+        neuron_executor: str = "nrt",
+        neuron_dir: str | None = None,
+        batch_sizes: Any = (1,),
+        buckets: Any = None,
+        max_context: int | None = None,
         **kwargs: Any,
     ) -> "Generator":
         """Loads an HF model directory, a .gguf file, a packaged model by name
@@ -100,7 +105,20 @@ class Generator:
         device: "cpu", "cuda" or "cuda:N". backend: "auto" (kvgen's native kernels on "cpu",
         libtorch on CUDA), "native", or "torch" (libtorch, also on "cpu"; needs a build with the
         `torch` feature, else BackendUnavailableError). tp_degree: tensor-parallel ranks (native
-        backend; README "Tensor parallelism"), each holding its shard of every weight."""
+        backend; README "Tensor parallelism"), each holding its shard of every weight.
+
+        device="neuron" (README "Neuron"): the model as exported graphs on tp_degree NeuronCores.
+        neuron_dir: an export (`kvgen.neuron.export`, compiled with `kvgen.neuron.compile`);
+        neuron_executor: "nrt" (libnrt, the default) or "xla-cpu" (the same graphs on XLA's CPU
+        backend, recorded on the fly when neuron_dir is None). batch_sizes, buckets and max_context
+        shape the graphs when they are recorded here (an export fixes them)."""
+        neuron = None
+        if str(device) == "neuron":
+            from ._neuron_options import set_options as _set_options
+
+            neuron = _set_options(neuron_executor, neuron_dir, batch_sizes, buckets, max_context)
+        elif neuron_dir is not None or neuron_executor != "nrt":
+            raise InvalidInputError(f"neuron_dir / neuron_executor apply to device=\"neuron\" only, not device={device!r}")
         if kwargs:
             raise InvalidInputError(f"unknown from_pretrained arguments: {sorted(kwargs)}")
         if isinstance(tp_degree, bool) or not isinstance(tp_degree, int):
@@ -116,7 +134,7 @@ class Generator:
             progress = load_progress(name)
             # str() accepts torch.device / torch.dtype objects as transformers users pass them.
             engine = _kvgen.Engine.load(
-                name, str(device), str(dtype).replace("torch.", ""), progress, str(backend), max(-1, min(int(tp_degree), 1 << 62))
+                name, str(device), str(dtype).replace("torch.", ""), progress, str(backend), max(-1, min(int(tp_degree), 1 << 62)), neuron
             )
             gen = cls(engine)
             gen._device = str(device)

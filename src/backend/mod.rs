@@ -44,6 +44,11 @@ pub trait Backend: Send + Sync {
     /// Returns logits (f32, vocab wide) for the last new token of each sequence, or for every new
     /// token when `all_positions`, in input order.
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;
+    /// Sequences the backend can hold at once, when it has a fixed number of cache rows (Neuron's
+    /// graphs are exported for a largest batch); the scheduler admits no more.
+    fn max_sequences(&self) -> Option<usize> {
+        None
+    }
     /// One rank unless the backend says otherwise.
     fn memory_stats(&self) -> MemoryStats {
         MemoryStats { tp_degree: 1, kv_cache_bytes_per_token: self.cache_bytes_per_position(), ..Default::default() }

@@ -55,8 +55,10 @@ pub struct HostWeights {
 /// How a backend turns host weights into its own (uploads, fuses, or keeps them).
 pub trait WeightBuilder {
     type Kinds: WeightKinds;
-    fn linear(&mut self, l: HostLinear) -> Result<<Self::Kinds as WeightKinds>::Linear>;
-    fn norm(&mut self, v: Vec<f32>) -> Result<<Self::Kinds as WeightKinds>::Norm>;
+    /// `name` says which weight it is ("layers.3.qkv", "lm_head"; see `HostWeights::build`), for
+    /// a backend that binds weights by name.
+    fn linear(&mut self, name: &str, l: HostLinear) -> Result<<Self::Kinds as WeightKinds>::Linear>;
+    fn norm(&mut self, name: &str, v: Vec<f32>) -> Result<<Self::Kinds as WeightKinds>::Norm>;
     fn embedding(&mut self, m: Matrix) -> Result<<Self::Kinds as WeightKinds>::Embedding>;
     /// The lm_head as a view of `rows` of the embedding (tied weights are not copied).
     fn tied_head(
@@ -95,25 +97,26 @@ impl HostWeights {
     pub fn build<B: WeightBuilder>(self, b: &mut B) -> Result<Weights<B::Kinds>> {
         let HostWeights { embed, layers, norm, head } = self;
         let mut out = Vec::with_capacity(layers.len());
-        for l in layers {
+        for (i, l) in layers.into_iter().enumerate() {
+            let n = |part: &str| format!("layers.{i}.{part}");
             out.push(Layer {
-                input_norm: b.norm(l.input_norm)?,
-                qkv: b.linear(l.qkv)?,
+                input_norm: b.norm(&n("input_layernorm"), l.input_norm)?,
+                qkv: b.linear(&n("qkv"), l.qkv)?,
                 qk_norm: match l.qk_norm {
-                    Some((q, k)) => Some((b.norm(q)?, b.norm(k)?)),
+                    Some((q, k)) => Some((b.norm(&n("q_norm"), q)?, b.norm(&n("k_norm"), k)?)),
                     None => None,
                 },
-                o: b.linear(l.o)?,
-                post_norm: b.norm(l.post_norm)?,
-                gate_up: b.linear(l.gate_up)?,
-                down: b.linear(l.down)?,
+                o: b.linear(&n("o_proj"), l.o)?,
+                post_norm: b.norm(&n("post_attention_layernorm"), l.post_norm)?,
+                gate_up: b.linear(&n("gate_up"), l.gate_up)?,
+                down: b.linear(&n("down_proj"), l.down)?,
             });
         }
         let embed = b.embedding(embed)?;
         let head = match head {
             HostHead::Tied(rows) => b.tied_head(&embed, rows)?,
-            HostHead::Own(l) => b.linear(l)?,
+            HostHead::Own(l) => b.linear("lm_head", l)?,
         };
-        Ok(Weights { embed, layers: out, norm: b.norm(norm)?, head })
+        Ok(Weights { embed, layers: out, norm: b.norm("norm", norm)?, head })
     }
 }

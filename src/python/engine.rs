@@ -140,7 +140,8 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string(), tp_degree = 1))]
+    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string(), tp_degree = 1, neuron = None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
         model: String,
@@ -149,6 +150,7 @@ impl PyEngine {
         progress: Option<Py<PyAny>>,
         backend: String,
         tp_degree: i64,
+        neuron: Option<super::neuron::NeuronArgs>,
     ) -> PyResult<Self> {
         let tp_degree = usize::try_from(tp_degree).ok().filter(|&t| t >= 1).ok_or_else(|| {
             crate::error::Error::invalid(format!(
@@ -164,7 +166,12 @@ impl PyEngine {
                 });
             }
         };
-        let engine = py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, tp_degree, &mut report))).py()?;
+        let engine = if device == "neuron" {
+            let opts = super::neuron::neuron_options(neuron, tp_degree).py()?;
+            py.detach(|| guarded(|| Engine::load_neuron(&model, &dtype, &opts, &mut report))).py()?
+        } else {
+            py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, tp_degree, &mut report))).py()?
+        };
         Ok(PyEngine::new(engine))
     }
 

@@ -1,10 +1,32 @@
-//! Test hook for the Neuron HLO emitter: a small module's serialized bytes, so
-//! tests/test_neuron_hlo.py can run them on XLA:CPU with two replicas.
+//! The Neuron path's Python surface: `device="neuron"` options, `kvgen.neuron.export`'s native
+//! half, and a test hook for the pinned self-check graph.
+
+use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::errors::to_py;
+use super::errors::{guarded, to_py, IntoPyResult as _};
+use crate::backend::neuron::backend::NeuronOptions;
+use crate::backend::neuron::executor::ExecutorKind;
+use crate::backend::neuron::export::SetOptions;
+use crate::backend::neuron::manifest::ElemType;
+use crate::error::Result;
+
+/// (executor, neuron_dir, batch_sizes, buckets, max_context, xla worker command), as
+/// `Generator.from_pretrained` validated them.
+pub type NeuronArgs = (String, Option<String>, Vec<usize>, Option<Vec<usize>>, Option<usize>, Vec<String>);
+
+pub fn neuron_options(args: Option<NeuronArgs>, tp_degree: usize) -> Result<NeuronOptions> {
+    let (executor, dir, batch_sizes, buckets, max_context, xla_worker) =
+        args.unwrap_or_else(|| ("nrt".into(), None, vec![1], None, None, vec![]));
+    Ok(NeuronOptions {
+        executor: ExecutorKind::parse(&executor)?,
+        dir: dir.map(PathBuf::from),
+        set: SetOptions { tp_degree, batch_sizes, buckets, max_context, dtype: ElemType::Bfloat16 },
+        xla_worker,
+    })
+}
 
 /// `_hlo_selfcheck_graph(n, k, m, rows) -> bytes`: see `backend::neuron::hlo::builder::selfcheck_graph`.
 #[pyfunction]
@@ -13,52 +35,28 @@ fn _hlo_selfcheck_graph(py: Python<'_>, n: i64, k: i64, m: i64, rows: i64) -> Py
     Ok(PyBytes::new(py, &bytes))
 }
 
+/// `_neuron_export(model, out_dir, tp_degree, batch_sizes, buckets, max_context, dtype) -> str`:
+/// records the graph set and writes it with manifest.json; returns the manifest's path.
+#[pyfunction]
+#[pyo3(signature = (model, out_dir, tp_degree, batch_sizes, buckets, max_context, dtype))]
+fn _neuron_export(
+    py: Python<'_>,
+    model: String,
+    out_dir: String,
+    tp_degree: usize,
+    batch_sizes: Vec<usize>,
+    buckets: Option<Vec<usize>>,
+    max_context: Option<usize>,
+    dtype: String,
+) -> PyResult<String> {
+    let set = SetOptions { tp_degree, batch_sizes, buckets, max_context, dtype: ElemType::Bfloat16 };
+    let path = py
+        .detach(|| guarded(|| crate::engine::neuron_export(&model, std::path::Path::new(&out_dir), &dtype, &set, &mut |_, _| {})))
+        .py()?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_hlo_selfcheck_graph, m)?)?;
-    m.add_function(wrap_pyfunction!(_hlo_record_step, m)?)
+    m.add_function(wrap_pyfunction!(_neuron_export, m)?)
 }
-
-/// `_hlo_record_step(model_dir, tp_degree, tokens, start_pos, cache_len) ->
-/// [(module bytes, [(name, dims, "f32"|"s32", data bytes)])]`, one entry per rank: the family
-/// forward recorded as each rank's graph for this step shape, with this step's input values.
-#[pyfunction]
-fn _hlo_record_step(
-    py: Python<'_>,
-    model_dir: String,
-    tp_degree: usize,
-    tokens: Vec<u32>,
-    start_pos: usize,
-    cache_len: usize,
-) -> PyResult<Vec<RankGraph>> {
-    use crate::backend::neuron::record::record_step;
-    let ranks = py
-        .detach(|| -> crate::error::Result<_> {
-            let dir = std::path::Path::new(&model_dir);
-            let cfg = crate::config::ModelConfig::from_file(&dir.join("config.json"))?;
-            let plan = crate::model::tp::TpPlan::new(&cfg, tp_degree)?;
-            let src = crate::weights::safetensors::SafetensorsSource::open_dir(dir)?;
-            let weights = crate::weights::llama::load(&src, &cfg, crate::tensor::DType::F32, &mut |_, _| {})?;
-            record_step(&cfg, &plan.shapes, plan.shard(&cfg, weights)?, &tokens, start_pos, cache_len)
-        })
-        .map_err(to_py)?;
-    Ok(ranks
-        .into_iter()
-        .map(|r| {
-            let inputs = r
-                .bindings
-                .into_iter()
-                .map(|b| {
-                    let (kind, data) = match (b.f32s, b.s32s) {
-                        (Some(v), _) => ("f32", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                        (None, Some(v)) => ("s32", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                        (None, None) => ("f32", Vec::new()),
-                    };
-                    (b.name, b.dims, kind.to_string(), data)
-                })
-                .collect();
-            (r.module, inputs)
-        })
-        .collect())
-}
-
-type RankGraph = (Vec<u8>, Vec<(String, Vec<i64>, String, Vec<u8>)>);

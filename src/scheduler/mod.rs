@@ -49,8 +49,15 @@ impl Default for Limits {
 }
 
 /// Whether `request` can ever run within `limits` (alone); the error names the bound and the fix.
-fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize) -> Result<()> {
+fn check_fits(request: &Request, limits: &Limits, bytes_per_position: usize, backend_rows: Option<usize>) -> Result<()> {
     let rows = request.rows();
+    if let Some(max) = backend_rows.filter(|&m| rows > m) {
+        return Err(Error::invalid(format!(
+            "this request has {rows} rows (prompts x num_return_sequences) but the backend holds at most {max} \
+             sequences at once (device=\"neuron\": the largest exported batch size); send fewer rows per call or \
+             export with larger batch_sizes"
+        )));
+    }
     if rows > limits.max_sequences {
         return Err(Error::invalid(format!(
             "this request has {rows} rows (prompts x num_return_sequences) but the scheduler runs at most \
@@ -158,6 +165,8 @@ impl Shared {
 pub struct Scheduler {
     shared: Arc<Shared>,
     bytes_per_position: usize,
+    /// The backend's fixed number of cache rows, if it has one.
+    backend_rows: Option<usize>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -222,6 +231,7 @@ impl Scheduler {
             alive: AtomicBool::new(true),
         });
         let bytes_per_position = backend.cache_bytes_per_position();
+        let backend_rows = backend.max_sequences();
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
             .name("kvgen-scheduler".into())
@@ -230,7 +240,7 @@ impl Scheduler {
                     .run()
             })
             .map_err(|e| Error::Internal(format!("cannot start the scheduler thread: {e}")))?;
-        Ok(Scheduler { shared, bytes_per_position, worker: Some(worker) })
+        Ok(Scheduler { shared, bytes_per_position, backend_rows, worker: Some(worker) })
     }
 
     /// Queues a request; it joins the batch at the next step the limits allow. Refused at once
@@ -247,7 +257,7 @@ impl Scheduler {
             if queue.shutdown || !self.shared.alive.load(Ordering::Acquire) {
                 return Err(Error::Internal("the scheduler has shut down".into()));
             }
-            check_fits(&request, &queue.limits, self.bytes_per_position)?;
+            check_fits(&request, &queue.limits, self.bytes_per_position, self.backend_rows)?;
             let queued = self.shared.queued.load(Ordering::Acquire);
             if queued >= queue.limits.max_queued_requests {
                 self.shared.stats.rejected();
@@ -413,18 +423,20 @@ impl Worker {
     /// slots, score buffers) is reserved here, against the budget, not at submit.
     fn admit(&mut self, limits: Limits) {
         let bytes_per_position = self.backend.cache_bytes_per_position();
+        let backend_rows = self.backend.max_sequences();
+        let max_sequences = limits.max_sequences.min(backend_rows.unwrap_or(usize::MAX));
         let mut rows: usize = self.running.iter().map(|r| r.request.rows()).sum();
         let mut positions: usize = self.running.iter().map(|r| r.request.cache_positions()).sum();
         while let Some(next) = self.waiting.front() {
             let (need_rows, need_positions) = (next.request.rows(), next.request.cache_positions());
             // The limits may have been lowered since the request was submitted.
-            if let Err(e) = check_fits(&next.request, &limits, bytes_per_position) {
+            if let Err(e) = check_fits(&next.request, &limits, bytes_per_position, backend_rows) {
                 if let Some(w) = self.waiting.pop_front() {
                     w.answer.send(Err(e));
                 }
                 continue;
             }
-            let fits = rows + need_rows <= limits.max_sequences && positions + need_positions <= limits.max_cache_positions;
+            let fits = rows + need_rows <= max_sequences && positions + need_positions <= limits.max_cache_positions;
             if !fits {
                 break;
             }

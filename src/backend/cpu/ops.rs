@@ -262,11 +262,11 @@ pub struct CpuWeights;
 impl WeightBuilder for CpuWeights {
     type Kinds = Host;
 
-    fn linear(&mut self, l: HostLinear) -> Result<HostLinear> {
+    fn linear(&mut self, _name: &str, l: HostLinear) -> Result<HostLinear> {
         Ok(l)
     }
 
-    fn norm(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
+    fn norm(&mut self, _name: &str, v: Vec<f32>) -> Result<Vec<f32>> {
         Ok(v)
     }
 

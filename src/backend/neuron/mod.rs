@@ -3,7 +3,10 @@
 //! neuronx-cc, and runs them (`backend`) through an executor (`executor`): libnrt on NeuronCores
 //! (`nrt`) or XLA's CPU backend on the same graph bytes (`xla_cpu`).
 
+pub mod backend;
 pub mod executor;
+pub mod export;
 pub mod hlo;
 pub mod manifest;
 pub mod record;
+pub mod xla_cpu;

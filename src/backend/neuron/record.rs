@@ -1,231 +1,501 @@
 //! A backend that records instead of computing: the family forward of `model/` run through
-//! [`HloOps`] emits one rank's HLO module for one step shape. Weights and KV caches are graph
-//! parameters (the caches aliased input->output), the all-reduces are XLA all-reduces over the
-//! rank group, and every shape is fixed at recording time (the bucket).
+//! [`GraphOps`] emits one static HLO graph per (phase, batch, bucket), the same for every
+//! tensor-parallel rank (ranks differ only in the weight shards bound to the graph).
 //!
-//! So far: one sequence (batch 1), f32, `n` new tokens at a position given as an input, the rotary
-//! tables and the causal/sliding-window masks as host-computed inputs (in-graph masks from the
-//! position input come with the export). The embedding lookup is a one-hot
-//! product (exact in f32: one nonzero term per sum); a gather comes with the export.
+//! Every graph has the same persistent parameters, in the same order: the rank's weights, the
+//! rotary tables ([max_context, head_dim], gathered at the step's positions) and each layer's K and
+//! V caches ([max_batch, max_context, kv_heads, head_dim], aliased input->output). Then the step
+//! inputs:
+//! - context encoding (`cte_b1_n<N>`): `tokens` [N] (a prompt from position 0, right-padded to the
+//!   bucket), `slot` (the cache row), `last` (index of the last real token, whose logits come back).
+//!   The prompt attends to itself; its keys/values are written into the slot's row.
+//! - token generation (`tkg_b<B>_n<N>`): `tokens` [B] and `positions` [B], one token per cache row
+//!   0..B-1, written at its position, attending over the first N positions of its row.
+//!
+//! Masks come from positions inside the graph (causal, and the sliding window where a layer has
+//! one) as selects, so a masked score never meets a padded row's values. Arithmetic is f32; a
+//! bfloat16 graph keeps weights and caches in bfloat16 and converts at use.
 
-use std::cell::RefCell;
+use std::collections::HashMap;
 
 use super::hlo::builder::{ModuleBuilder, Node, Shape};
 use super::hlo::proto::PrimitiveType;
-use crate::config::ModelConfig;
+use super::manifest::{ElemType, GraphInput, GraphOutput, PersistentTensor, Phase, Role, ShardRule, TensorSpec};
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::model::host::{HostLinear, HostWeights, WeightBuilder};
 use crate::model::llama::LlamaModel;
 use crate::model::ops::{Activation, AttnSpec, Ops, RankShape, WeightKinds};
 use crate::model::rope::Rope;
-use crate::tensor::Matrix;
+use crate::tensor::{DType, Matrix};
 
-/// Weights as graph parameters.
-pub struct HloKinds;
+/// Weights as indices into the persistent tensor list.
+pub struct NamedKinds;
 
-impl WeightKinds for HloKinds {
-    type Linear = Vec<(Node, Option<Node>)>;
-    type Norm = Node;
-    type Embedding = Node;
+impl WeightKinds for NamedKinds {
+    type Linear = Vec<(usize, Option<usize>)>;
+    type Norm = usize;
+    type Embedding = usize;
 }
 
-/// One graph input and each rank's value for it (f32 or s32 data, row-major).
-pub struct Binding {
-    pub name: String,
-    pub dims: Vec<i64>,
-    pub f32s: Option<Vec<f32>>,
-    pub s32s: Option<Vec<i32>>,
+/// The shape every graph of a set shares.
+#[derive(Clone, Debug)]
+pub struct SetShape {
+    pub ranks: usize,
+    pub max_batch: usize,
+    pub max_context: usize,
+    /// Weights and caches: F32 or BF16.
+    pub dtype: ElemType,
 }
 
-/// The module being recorded and what its parameters are bound to on this rank.
-struct Recorder {
-    b: ModuleBuilder,
-    bindings: Vec<Binding>,
+/// One graph of the set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphKey {
+    pub phase: Phase,
+    pub batch: usize,
+    pub bucket: usize,
 }
 
-impl Recorder {
-    fn param_f32(&mut self, name: &str, dims: &[i64], data: Vec<f32>) -> Node {
-        self.bindings.push(Binding { name: name.into(), dims: dims.to_vec(), f32s: Some(data), s32s: None });
-        self.b.parameter(Shape::new(PrimitiveType::F32, dims), name)
-    }
-
-    fn param_s32(&mut self, name: &str, dims: &[i64], data: Vec<i32>) -> Node {
-        self.bindings.push(Binding { name: name.into(), dims: dims.to_vec(), f32s: None, s32s: Some(data) });
-        self.b.parameter(Shape::new(PrimitiveType::S32, dims), name)
+impl GraphKey {
+    pub fn name(&self) -> String {
+        format!("{}_b{}_n{}", self.phase.prefix(), self.batch, self.bucket)
     }
 }
 
-struct HloWeights<'r> {
-    rec: &'r RefCell<Recorder>,
-    count: usize,
-    /// The embedding's binding (its values) and width, for a tied head's rows.
-    embed: Option<(usize, usize)>,
+/// A rank's persistent tensors (specs; with their bytes when collected) and its model over them.
+pub struct RankTensors {
+    pub tensors: Vec<PersistentTensor>,
+    /// The bytes of each tensor (None for caches, zero-filled on the device), when collected.
+    pub values: Vec<Option<Vec<u8>>>,
+    pub model: LlamaModel<NamedKinds>,
 }
 
-impl HloWeights<'_> {
-    fn values(m: &Matrix) -> Result<Vec<f32>> {
-        m.data.try_to_f32_vec().map_err(|e| e.into_error("a weight for an HLO graph", "free memory"))
+fn elem(dtype: ElemType) -> PrimitiveType {
+    match dtype {
+        ElemType::Float32 => PrimitiveType::F32,
+        ElemType::Bfloat16 => PrimitiveType::Bf16,
+        ElemType::Int32 => PrimitiveType::S32,
+    }
+}
+
+/// Bytes of `m` in `dtype`, `pad_rows` zero rows appended, in a buffer reserved fallibly.
+fn matrix_bytes(m: Matrix, dtype: ElemType, pad_rows: usize) -> Result<Vec<u8>> {
+    let oom = |e: crate::mem::AllocFailed| e.into_error("a weight shard for the Neuron graphs", "free memory");
+    let total = (m.rows + pad_rows) * m.cols * dtype.size();
+    let mut out = Vec::new();
+    out.try_reserve_exact(total).map_err(|_| Error::OutOfMemory(format!("cannot reserve {total} bytes for a weight shard")))?;
+    match dtype {
+        ElemType::Bfloat16 => match m.data.into_dtype(DType::BF16).map_err(oom)? {
+            crate::tensor::Data::BF16(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
+            _ => return Err(Error::Internal("bf16 conversion gave another dtype".into())),
+        },
+        _ => m.data.try_to_f32_vec().map_err(oom)?.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+    }
+    out.resize(total, 0);
+    Ok(out)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Records each weight's spec and shard rule, and (when `keep`) its bytes.
+struct SpecBuilder<'a> {
+    dtype: ElemType,
+    keep: bool,
+    /// Rows every rank's lm_head shard has (the last rank's padded with zero rows).
+    head_rows: usize,
+    out: &'a mut RankTensors,
+    /// The embedding, for a tied head's rows.
+    embed: Option<Matrix>,
+}
+
+impl SpecBuilder<'_> {
+    fn push(&mut self, name: String, shape: Vec<i64>, dtype: ElemType, shard: ShardRule, value: impl FnOnce() -> Result<Vec<u8>>) -> Result<usize> {
+        let v = if self.keep { Some(value()?) } else { None };
+        self.out.tensors.push(PersistentTensor { spec: TensorSpec { name, shape, dtype }, role: Role::Weight, shard });
+        self.out.values.push(v);
+        Ok(self.out.tensors.len() - 1)
     }
 
-    fn param(&mut self, dims: &[i64], data: Vec<f32>) -> Node {
-        self.count += 1;
-        self.rec.borrow_mut().param_f32(&format!("w{}", self.count), dims, data)
-    }
-
-    fn matrix(&mut self, m: &Matrix) -> Result<Node> {
-        let data = Self::values(m)?;
-        Ok(self.param(&[m.rows as i64, m.cols as i64], data))
-    }
-
-    fn vector(&mut self, v: Vec<f32>) -> Node {
+    fn vector(&mut self, name: String, v: Vec<f32>, shard: ShardRule) -> Result<usize> {
         let n = v.len() as i64;
-        self.param(&[n], v)
+        self.push(name, vec![n], ElemType::Float32, shard, || Ok(f32_bytes(&v)))
+    }
+
+    fn matrix(&mut self, name: String, m: Matrix, shard: ShardRule, pad_rows: usize) -> Result<usize> {
+        let shape = vec![(m.rows + pad_rows) as i64, m.cols as i64];
+        let dtype = self.dtype;
+        self.push(name, shape, dtype, shard, || matrix_bytes(m, dtype, pad_rows))
     }
 }
 
-impl WeightBuilder for HloWeights<'_> {
-    type Kinds = HloKinds;
+impl WeightBuilder for SpecBuilder<'_> {
+    type Kinds = NamedKinds;
 
-    fn linear(&mut self, l: HostLinear) -> Result<Vec<(Node, Option<Node>)>> {
-        l.parts.into_iter().map(|p| Ok((self.matrix(&p.w)?, p.bias.map(|b| self.vector(b))))).collect()
+    fn linear(&mut self, name: &str, l: HostLinear) -> Result<Vec<(usize, Option<usize>)>> {
+        // Fused projections keep the checkpoint's names, one tensor each.
+        let (prefix, last) = name.rsplit_once('.').unwrap_or(("", name));
+        let parts: Vec<&str> = match last {
+            "qkv" => vec!["q_proj", "k_proj", "v_proj"],
+            "gate_up" => vec!["gate_proj", "up_proj"],
+            other => vec![other],
+        };
+        if parts.len() != l.parts.len() {
+            return Err(Error::Internal(format!("{name} has {} parts", l.parts.len())));
+        }
+        let (rule, bias_rule) = match last {
+            "qkv" | "gate_up" => (ShardRule::Column, ShardRule::Column),
+            "lm_head" => (ShardRule::Vocab, ShardRule::Vocab),
+            _ => (ShardRule::Row, ShardRule::RankZero),
+        };
+        let mut out = Vec::with_capacity(parts.len());
+        for (part, p) in parts.iter().zip(l.parts) {
+            let full = if prefix.is_empty() { part.to_string() } else { format!("{prefix}.{part}") };
+            let pad = if rule == ShardRule::Vocab { self.head_rows.saturating_sub(p.w.rows) } else { 0 };
+            let w = self.matrix(format!("{full}.weight"), p.w, rule, pad)?;
+            let b = match p.bias {
+                Some(b) => Some(self.vector(format!("{full}.bias"), b, bias_rule)?),
+                None => None,
+            };
+            out.push((w, b));
+        }
+        Ok(out)
     }
 
-    fn norm(&mut self, v: Vec<f32>) -> Result<Node> {
-        Ok(self.vector(v))
+    fn norm(&mut self, name: &str, v: Vec<f32>) -> Result<usize> {
+        self.vector(format!("{name}.weight"), v, ShardRule::Replicated)
     }
 
-    fn embedding(&mut self, m: Matrix) -> Result<Node> {
-        let node = self.matrix(&m)?;
-        self.embed = Some((self.rec.borrow().bindings.len() - 1, m.cols));
-        Ok(node)
+    fn embedding(&mut self, m: Matrix) -> Result<usize> {
+        // A tied head needs rows of it: keep a view (row windows share the buffer).
+        let m = m.into_shared();
+        self.embed = m.row_window(0..m.rows);
+        self.matrix("embed_tokens.weight".into(), m, ShardRule::Replicated, 0)
     }
 
-    /// The rank's rows of the embedding as a parameter of their own: a slice at a rank-dependent
-    /// offset would make the ranks' graphs differ, and every rank must run the same graph.
-    fn tied_head(&mut self, _embed: &Node, rows: std::ops::Range<usize>) -> Result<Vec<(Node, Option<Node>)>> {
-        let (binding, cols) = self.embed.ok_or_else(|| Error::Internal("a tied head before the embedding".into()))?;
-        let data = self.rec.borrow().bindings[binding].f32s.as_ref().map(|v| v[rows.start * cols..rows.end * cols].to_vec());
-        let data = data.ok_or_else(|| Error::Internal("the embedding has no f32 values".into()))?;
-        Ok(vec![(self.param(&[rows.len() as i64, cols as i64], data), None)])
+    /// The rank's rows of the embedding as a tensor of its own: a slice at a rank-dependent offset
+    /// would make the ranks' graphs differ, and every rank must run the same graph.
+    fn tied_head(&mut self, _embed: &usize, rows: std::ops::Range<usize>) -> Result<Vec<(usize, Option<usize>)>> {
+        let embed = self.embed.take().ok_or_else(|| Error::Internal("a tied head before the embedding".into()))?;
+        let pad = self.head_rows.saturating_sub(rows.len());
+        let m = embed.row_window(rows.clone()).ok_or_else(|| Error::Internal(format!("embedding rows {rows:?}")))?;
+        Ok(vec![(self.matrix("lm_head.weight".into(), m, ShardRule::Vocab, pad)?, None)])
     }
 }
 
-/// One rank's context-encoding step, recorded.
-struct HloOps<'r> {
-    rec: &'r RefCell<Recorder>,
-    tokens: Vec<u32>,
-    /// Position of the first new token (bound as an input: graphs do not depend on it).
-    start_pos: usize,
-    cache_len: i64,
-    ranks: usize,
-    /// (cache output, its parameter number) per layer and k/v, for the root tuple.
-    caches: Vec<Node>,
-    position: Option<Node>,
-    /// The additive mask of each distinct sliding window seen so far.
+/// One rank's tensors: weights (named, with shard rules), rotary tables, caches. `keep`: collect
+/// the bytes to upload.
+pub fn rank_tensors(cfg: &ModelConfig, shape: &RankShape, w: HostWeights, set: &SetShape, keep: bool) -> Result<RankTensors> {
+    if matches!(cfg.rope_scaling, RopeScaling::Dynamic { .. }) {
+        return Err(Error::invalid(
+            "rope_scaling type \"dynamic\" recomputes the rotary tables from the sequence length, which a static \
+             Neuron graph cannot; use device=\"cpu\" or \"cuda\" for this model",
+        ));
+    }
+    let mut out = RankTensors { tensors: vec![], values: vec![], model: LlamaModel::new(cfg.clone(), shape.clone(), empty_weights()) };
+    let head_rows = cfg.vocab_size.div_ceil(shape.ranks);
+    let weights = w.build(&mut SpecBuilder { dtype: set.dtype, keep, head_rows, out: &mut out, embed: None })?;
+    out.model = LlamaModel::new(cfg.clone(), shape.clone(), weights);
+    let (s, hd) = (set.max_context, out.model.rope.head_dim());
+    let (cos, sin) = out.model.rope.tables(0..s, s);
+    for (name, v) in [("rope0.cos", cos), ("rope0.sin", sin)] {
+        out.tensors.push(PersistentTensor {
+            spec: TensorSpec { name: name.into(), shape: vec![s as i64, hd as i64], dtype: ElemType::Float32 },
+            role: Role::Table,
+            shard: ShardRule::Replicated,
+        });
+        out.values.push(keep.then(|| f32_bytes(&v)));
+    }
+    for layer in 0..cfg.num_hidden_layers {
+        for kv in ["k", "v"] {
+            out.tensors.push(PersistentTensor {
+                spec: TensorSpec {
+                    name: format!("layers.{layer}.{kv}_cache"),
+                    shape: vec![set.max_batch as i64, s as i64, shape.kv_heads as i64, cfg.head_dim as i64],
+                    dtype: set.dtype,
+                },
+                role: Role::Cache,
+                shard: ShardRule::Local,
+            });
+            out.values.push(None);
+        }
+    }
+    Ok(out)
+}
+
+fn empty_weights() -> crate::model::llama::Weights<NamedKinds> {
+    crate::model::llama::Weights { embed: 0, layers: vec![], norm: 0, head: vec![] }
+}
+
+/// Records one graph of the set from a rank's tensors: the serialized module and its inputs and
+/// outputs for the manifest (file and sha256 are the exporter's).
+pub fn record_graph(rank: &RankTensors, set: &SetShape, key: GraphKey) -> Result<(Vec<u8>, Vec<GraphInput>, Vec<GraphOutput>)> {
+    use prost::Message;
+    let (batch, bucket) = (key.batch as i64, key.bucket as i64);
+    let cte = key.phase == Phase::ContextEncoding;
+    if batch < 1 || batch > set.max_batch as i64 || bucket < 1 || bucket > set.max_context as i64 || (cte && batch != 1) {
+        return Err(Error::invalid(format!(
+            "graph {}: batch must be 1..={} (1 for context encoding) and the bucket 1..={}",
+            key.name(),
+            set.max_batch,
+            set.max_context
+        )));
+    }
+    let mut b = ModuleBuilder::new(&key.name());
+    let mut inputs = Vec::new();
+    let mut params = Vec::with_capacity(rank.tensors.len());
+    for t in &rank.tensors {
+        params.push(b.parameter(Shape::new(elem(t.spec.dtype), &t.spec.shape), &t.spec.name));
+        let neff_name = if t.role == Role::Cache { format!("{}.must_alias_input", t.spec.name) } else { t.spec.name.clone() };
+        inputs.push(GraphInput { spec: t.spec.clone(), role: t.role, neff_name });
+    }
+    let mut step = |b: &mut ModuleBuilder, name: &str, dims: &[i64]| {
+        let spec = TensorSpec { name: name.into(), shape: dims.to_vec(), dtype: ElemType::Int32 };
+        inputs.push(GraphInput { spec, role: Role::Step, neff_name: name.into() });
+        b.parameter(Shape::new(PrimitiveType::S32, dims), name)
+    };
+    let (rows, steps) = if cte {
+        let tokens = step(&mut b, "tokens", &[bucket]);
+        let slot = step(&mut b, "slot", &[]);
+        let last = step(&mut b, "last", &[]);
+        let positions = b.iota(&[bucket], 0);
+        (bucket, StepNodes { tokens, positions, slot: Some(slot), last: Some(last) })
+    } else {
+        let tokens = step(&mut b, "tokens", &[batch]);
+        let positions = step(&mut b, "positions", &[batch]);
+        (batch, StepNodes { tokens, positions, slot: None, last: None })
+    };
+    let by_name = rank.tensors.iter().enumerate().map(|(i, t)| (t.spec.name.clone(), i)).collect();
+    let mut ops = GraphOps { b, key, set, params, by_name, step: steps, rows, caches: vec![], masks: vec![] };
+    let logits = rank.model.forward(&mut ops)?;
+    let GraphOps { b, caches, .. } = ops;
+    let mut outputs = vec![GraphOutput {
+        spec: TensorSpec { name: "logits".into(), shape: b.shape(logits).dims.clone(), dtype: ElemType::Float32 },
+        aliases: None,
+        neff_name: "logits".into(),
+    }];
+    let mut nodes = vec![logits];
+    let mut aliases = vec![];
+    for (idx, node) in caches {
+        let t = &rank.tensors[idx];
+        aliases.push((nodes.len(), idx));
+        nodes.push(node);
+        outputs.push(GraphOutput { spec: t.spec.clone(), aliases: Some(t.spec.name.clone()), neff_name: t.spec.name.clone() });
+    }
+    let names: Vec<String> = outputs.iter().map(|o| o.neff_name.clone()).collect();
+    let module = b.finish_named(&nodes, &names, &aliases)?;
+    Ok((module.encode_to_vec(), inputs, outputs))
+}
+
+struct StepNodes {
+    /// Token ids, one per row of the step (s32).
+    tokens: Node,
+    /// Each row's position (s32).
+    positions: Node,
+    slot: Option<Node>,
+    last: Option<Node>,
+}
+
+/// One graph being recorded.
+struct GraphOps<'a> {
+    b: ModuleBuilder,
+    key: GraphKey,
+    set: &'a SetShape,
+    /// Parameter node of each persistent tensor.
+    params: Vec<Node>,
+    by_name: HashMap<String, usize>,
+    step: StepNodes,
+    /// Rows of the step's activations (bucket tokens, or batch rows).
+    rows: i64,
+    /// (tensor index, updated cache) for the root tuple.
+    caches: Vec<(usize, Node)>,
+    /// The visibility mask of each distinct sliding window, [batch, tokens, keys] PRED.
     masks: Vec<(Option<usize>, Node)>,
 }
 
-impl HloOps<'_> {
-    fn b(&self) -> std::cell::RefMut<'_, Recorder> {
-        self.rec.borrow_mut()
+impl GraphOps<'_> {
+    /// A weight as f32 (converted in the graph when stored in bf16).
+    fn weight(&mut self, idx: usize) -> Node {
+        let p = self.params[idx];
+        if self.b.shape(p).ty == PrimitiveType::F32 {
+            p
+        } else {
+            self.b.convert(p, PrimitiveType::F32)
+        }
     }
 
-    fn t(&self) -> i64 {
-        self.tokens.len() as i64
+    fn tensor(&self, name: &str) -> Result<usize> {
+        self.by_name.get(name).copied().ok_or_else(|| Error::Internal(format!("no graph tensor {name}")))
     }
-}
 
-fn dims_of(rec: &Recorder, n: Node) -> Vec<i64> {
-    rec.b.shape(n).dims.clone()
+    fn dims(&self, n: Node) -> Vec<i64> {
+        self.b.shape(n).dims.clone()
+    }
+
+    fn s32(&mut self, v: i64, dims: &[i64]) -> Result<Node> {
+        let c = self.b.constant_s32(v as i32);
+        self.b.broadcast(c, dims, &[])
+    }
+
+    /// (batch, tokens per row, keys) of this graph's attention.
+    fn attn_dims(&self) -> (i64, i64, i64) {
+        match self.key.phase {
+            Phase::ContextEncoding => (1, self.key.bucket as i64, self.key.bucket as i64),
+            Phase::TokenGeneration => (self.key.batch as i64, 1, self.key.bucket as i64),
+        }
+    }
+
+    /// Key j is visible to the query at position p iff j <= p (and j > p - window).
+    fn mask(&mut self, window: Option<usize>) -> Result<Node> {
+        if let Some(&(_, m)) = self.masks.iter().find(|(w, _)| *w == window) {
+            return Ok(m);
+        }
+        let (bt, t, k) = self.attn_dims();
+        let qpos = self.b.reshape(self.step.positions, &[bt, t])?;
+        let q = self.b.broadcast(qpos, &[bt, t, k], &[0, 1])?;
+        let keys = self.b.iota(&[bt, t, k], 2);
+        let mut vis = self.b.compare(keys, q, "LE")?;
+        if let Some(w) = window {
+            let wn = self.s32(w as i64, &[bt, t, k])?;
+            let lo = self.b.binary("subtract", q, wn)?;
+            let inside = self.b.compare(keys, lo, "GT")?;
+            vis = self.b.binary("and", vis, inside)?;
+        }
+        self.masks.push((window, vis));
+        Ok(vis)
+    }
+
+    /// Softmax attention of q [bt*t, nh*hd] over keys/values [bt, k, nkv, hd] (f32).
+    fn attention(&mut self, spec: &AttnSpec, q: Node, keys: Node, vals: Node) -> Result<Node> {
+        let (bt, t, k) = self.attn_dims();
+        let (nh, nkv, hd) = (spec.heads as i64, spec.kv_heads as i64, spec.head_dim as i64);
+        let g = nh / nkv;
+        let mask = self.mask(spec.window)?;
+        let b = &mut self.b;
+        // Heads are kv-major (head h uses kv head h / g): fold each kv head's g query heads into rows.
+        let q5 = b.reshape(q, &[bt, t, nkv, g, hd])?;
+        let qt = b.transpose(q5, &[0, 2, 3, 1, 4])?;
+        let qb = b.reshape(qt, &[bt, nkv, g * t, hd])?;
+        let kt = b.transpose(keys, &[0, 2, 1, 3])?;
+        let vt = b.transpose(vals, &[0, 2, 1, 3])?;
+        let dims = [bt, nkv, g * t, k];
+        let scores = b.dot_general(qb, kt, &[0, 1], &[0, 1], 3, 3)?;
+        let sc = b.full(spec.scale_or_default(), &dims)?;
+        let scores = b.binary("multiply", scores, sc)?;
+        let m5 = b.broadcast(mask, &[bt, nkv, g, t, k], &[0, 3, 4])?;
+        let m4 = b.reshape(m5, &dims)?;
+        // A large finite negative (never -inf: an all-masked padded row stays NaN-free).
+        let neg = b.full(-1e30, &dims)?;
+        let scores = b.select(m4, scores, neg)?;
+        let max = b.reduce(scores, &[3], "maximum")?;
+        let max = b.broadcast(max, &dims, &[0, 1, 2])?;
+        let shifted = b.binary("subtract", scores, max)?;
+        let e = b.unary("exponential", shifted);
+        let z = b.reduce(e, &[3], "add")?;
+        let z = b.broadcast(z, &dims, &[0, 1, 2])?;
+        let p = b.binary("divide", e, z)?;
+        let out = b.dot_general(p, vt, &[0, 1], &[0, 1], 3, 2)?;
+        let out = b.reshape(out, &[bt, nkv, g, t, hd])?;
+        let out = b.transpose(out, &[0, 3, 1, 2, 4])?;
+        b.reshape(out, &[bt * t, nh * hd])
+    }
+
+    fn to_cache(&mut self, x: Node) -> Node {
+        match self.set.dtype {
+            ElemType::Float32 => x,
+            d => self.b.convert(x, elem(d)),
+        }
+    }
+
+    fn from_cache(&mut self, x: Node) -> Node {
+        if self.b.shape(x).ty == PrimitiveType::F32 {
+            x
+        } else {
+            self.b.convert(x, PrimitiveType::F32)
+        }
+    }
 }
 
 /// x [rows, w] * rsqrt(mean(x^2) + eps) * weight [w], in f32.
-fn rms_norm(r: &mut Recorder, x: Node, w: Node, eps: f32) -> Result<Node> {
-    let d = dims_of(r, x);
+fn rms_norm(b: &mut ModuleBuilder, x: Node, w: Node, eps: f32) -> Result<Node> {
+    let d = b.shape(x).dims.clone();
     let (rows, width) = (d[0], d[1]);
-    let sq = r.b.binary("multiply", x, x)?;
-    let sum = r.b.reduce(sq, &[1], "add")?;
-    let n = r.b.full(width as f32, &[rows])?;
-    let mean = r.b.binary("divide", sum, n)?;
-    let e = r.b.full(eps, &[rows])?;
-    let var = r.b.binary("add", mean, e)?;
-    let inv = r.b.unary("rsqrt", var);
-    let inv = r.b.broadcast(inv, &[rows, width], &[0])?;
-    let normed = r.b.binary("multiply", x, inv)?;
-    let wb = r.b.broadcast(w, &[rows, width], &[1])?;
-    r.b.binary("multiply", wb, normed)
+    let sq = b.binary("multiply", x, x)?;
+    let sum = b.reduce(sq, &[1], "add")?;
+    let n = b.full(width as f32, &[rows])?;
+    let mean = b.binary("divide", sum, n)?;
+    let e = b.full(eps, &[rows])?;
+    let var = b.binary("add", mean, e)?;
+    let inv = b.unary("rsqrt", var);
+    let inv = b.broadcast(inv, &[rows, width], &[0])?;
+    let normed = b.binary("multiply", x, inv)?;
+    let wb = b.broadcast(w, &[rows, width], &[1])?;
+    b.binary("multiply", wb, normed)
 }
 
-impl Ops for HloOps<'_> {
-    type Kinds = HloKinds;
+impl Ops for GraphOps<'_> {
+    type Kinds = NamedKinds;
     type Act = Node;
     type Rotary = (Node, Node);
 
-    fn embed(&mut self, table: &Node) -> Result<Node> {
-        let t = self.t();
-        let ids: Vec<i32> = self.tokens.iter().map(|&x| x as i32).collect();
-        let mut r = self.b();
-        let vocab = dims_of(&r, *table)[0];
-        let ids = r.param_s32("tokens", &[t], ids);
-        let ids = r.b.broadcast(ids, &[t, vocab], &[0])?;
-        let cols = r.b.iota(&[t, vocab], 1);
-        let hit = r.b.compare(ids, cols, "EQ")?;
-        let one_hot = r.b.convert(hit, PrimitiveType::F32);
-        r.b.dot(one_hot, *table, 1, 0)
+    fn embed(&mut self, table: &usize) -> Result<Node> {
+        let rows = self.b.gather_rows(self.params[*table], self.step.tokens)?;
+        Ok(self.from_cache(rows))
     }
 
-    fn rotary(&mut self, index: usize, rope: &Rope) -> Result<(Node, Node)> {
-        if index != 0 {
-            return Err(Error::Internal(format!("the HLO recorder has no tables for rope {index}")));
-        }
-        let (t, hd, p0) = (self.tokens.len(), rope.head_dim(), self.start_pos);
-        let (cos, sin) = rope.tables(p0..p0 + t, p0 + t);
-        let mut r = self.b();
-        Ok((r.param_f32("cos", &[t as i64, hd as i64], cos), r.param_f32("sin", &[t as i64, hd as i64], sin)))
+    fn rotary(&mut self, index: usize, _rope: &Rope) -> Result<(Node, Node)> {
+        let (cos, sin) = (self.tensor(&format!("rope{index}.cos"))?, self.tensor(&format!("rope{index}.sin"))?);
+        let positions = self.step.positions;
+        let cos = self.b.gather_rows(self.params[cos], positions)?;
+        let sin = self.b.gather_rows(self.params[sin], positions)?;
+        Ok((cos, sin))
     }
 
-    fn rms_norm(&mut self, x: &Node, w: &Node, eps: f32) -> Result<Node> {
-        rms_norm(&mut self.b(), *x, *w, eps)
+    fn rms_norm(&mut self, x: &Node, w: &usize, eps: f32) -> Result<Node> {
+        let w = self.weight(*w);
+        rms_norm(&mut self.b, *x, w, eps)
     }
 
-    fn head_rms_norm(&mut self, x: Node, w: &Node, eps: f32) -> Result<Node> {
-        let mut r = self.b();
-        let d = dims_of(&r, x);
-        let hd = dims_of(&r, *w)[0];
-        let heads = r.b.reshape(x, &[d[0] * d[1] / hd, hd])?;
-        let normed = rms_norm(&mut r, heads, *w, eps)?;
-        r.b.reshape(normed, &d)
+    fn head_rms_norm(&mut self, x: Node, w: &usize, eps: f32) -> Result<Node> {
+        let w = self.weight(*w);
+        let d = self.dims(x);
+        let hd = self.dims(w)[0];
+        let heads = self.b.reshape(x, &[d[0] * d[1] / hd, hd])?;
+        let normed = rms_norm(&mut self.b, heads, w, eps)?;
+        self.b.reshape(normed, &d)
     }
 
     fn rope(&mut self, x: Node, heads: usize, rot: &(Node, Node)) -> Result<Node> {
-        let mut r = self.b();
-        let d = dims_of(&r, x);
+        let d = self.dims(x);
+        let b = &mut self.b;
         let (t, h) = (d[0], heads as i64);
         let hd = d[1] / h;
-        let x3 = r.b.reshape(x, &[t, h, hd])?;
-        let x1 = r.b.slice(x3, &[0, 0, 0], &[t, h, hd / 2])?;
-        let x2 = r.b.slice(x3, &[0, 0, hd / 2], &[t, h, hd])?;
-        let neg = r.b.unary("negate", x2);
-        let rotated = r.b.concatenate(&[neg, x1], 2)?;
-        let cos = r.b.broadcast(rot.0, &[t, h, hd], &[0, 2])?;
-        let sin = r.b.broadcast(rot.1, &[t, h, hd], &[0, 2])?;
-        let a = r.b.binary("multiply", x3, cos)?;
-        let c = r.b.binary("multiply", rotated, sin)?;
-        let y = r.b.binary("add", a, c)?;
-        r.b.reshape(y, &d)
+        let x3 = b.reshape(x, &[t, h, hd])?;
+        let x1 = b.slice(x3, &[0, 0, 0], &[t, h, hd / 2])?;
+        let x2 = b.slice(x3, &[0, 0, hd / 2], &[t, h, hd])?;
+        let neg = b.unary("negate", x2);
+        let rotated = b.concatenate(&[neg, x1], 2)?;
+        let cos = b.broadcast(rot.0, &[t, h, hd], &[0, 2])?;
+        let sin = b.broadcast(rot.1, &[t, h, hd], &[0, 2])?;
+        let a = b.binary("multiply", x3, cos)?;
+        let c = b.binary("multiply", rotated, sin)?;
+        let y = b.binary("add", a, c)?;
+        b.reshape(y, &d)
     }
 
-    fn project(&mut self, x: Node, w: &Vec<(Node, Option<Node>)>) -> Result<Vec<Node>> {
-        let mut r = self.b();
-        let rows = dims_of(&r, x)[0];
+    fn project(&mut self, x: Node, w: &Vec<(usize, Option<usize>)>) -> Result<Vec<Node>> {
+        let rows = self.dims(x)[0];
         w.iter()
             .map(|&(m, bias)| {
-                let y = r.b.dot(x, m, 1, 1)?;
+                let m = self.weight(m);
+                let y = self.b.dot(x, m, 1, 1)?;
                 match bias {
-                    Some(b) => {
-                        let out = dims_of(&r, m)[0];
-                        let bb = r.b.broadcast(b, &[rows, out], &[1])?;
-                        r.b.binary("add", y, bb)
+                    Some(bi) => {
+                        let out = self.dims(m)[0];
+                        let bn = self.weight(bi);
+                        let bb = self.b.broadcast(bn, &[rows, out], &[1])?;
+                        self.b.binary("add", y, bb)
                     }
                     None => Ok(y),
                 }
@@ -233,165 +503,82 @@ impl Ops for HloOps<'_> {
             .collect()
     }
 
-    fn gated(&mut self, x: Node, w: &Vec<(Node, Option<Node>)>, act: Activation) -> Result<Node> {
+    fn gated(&mut self, x: Node, w: &Vec<(usize, Option<usize>)>, act: Activation) -> Result<Node> {
         let Activation::Silu = act;
         let parts = self.project(x, w)?;
         let [g, u] = parts[..] else {
             return Err(Error::Internal("a gated MLP needs a (gate, up) projection".into()));
         };
-        let mut r = self.b();
-        let sig = r.b.unary("logistic", g);
-        let silu = r.b.binary("multiply", g, sig)?;
-        r.b.binary("multiply", silu, u)
+        let sig = self.b.unary("logistic", g);
+        let silu = self.b.binary("multiply", g, sig)?;
+        self.b.binary("multiply", silu, u)
     }
 
     fn attend(&mut self, spec: &AttnSpec, q: Node, k: Node, v: Node) -> Result<Node> {
-        let (t, s) = (self.t(), self.cache_len);
-        let (nh, nkv, hd) = (spec.heads as i64, spec.kv_heads as i64, spec.head_dim as i64);
-        let g = nh / nkv;
-        let position = self.position;
-        let p0 = self.start_pos as i64;
-        let mask = self.masks.iter().find(|(w, _)| *w == spec.window).map(|&(_, m)| m);
-        let mut r = self.b();
-        let position = match position {
-            Some(p) => p,
-            None => r.param_s32("position", &[], vec![p0 as i32]),
-        };
-        let mask = match mask {
-            Some(m) => m,
-            None => {
-                // Additive mask over the cache: query i sees keys j <= i (and j > i - window), a
-                // large finite negative elsewhere (never -inf: no NaN from an all-masked row).
-                let visible = |q: i64, j: i64| j <= q && spec.window.is_none_or(|w| j > q - w as i64);
-                let m: Vec<f32> = (0..t * s).map(|i| if visible(p0 + i / s, i % s) { 0.0 } else { -1e30 }).collect();
-                let name = match spec.window {
-                    Some(w) => format!("mask_window{w}"),
-                    None => "mask".to_string(),
-                };
-                r.param_f32(&name, &[t, s], m)
-            }
-        };
-        let zero = r.b.constant_s32(0);
-        let mut cached = Vec::with_capacity(2);
-        for (name, new) in [("k", k), ("v", v)] {
-            let cache = r.param_f32(&format!("l{}.{name}_cache", spec.layer), &[s, nkv, hd], vec![0.0; (s * nkv * hd) as usize]);
-            let new = r.b.reshape(new, &[t, nkv, hd])?;
-            cached.push(r.b.dynamic_update_slice(cache, new, &[position, zero, zero])?);
+        let (nkv, hd) = (spec.kv_heads as i64, spec.head_dim as i64);
+        let (bt, t, keys) = self.attn_dims();
+        let mut attend_kv = Vec::with_capacity(2);
+        for (kind, new) in [("k", k), ("v", v)] {
+            let idx = self.tensor(&format!("layers.{}.{kind}_cache", spec.layer))?;
+            let cache = self.params[idx];
+            let zero = self.b.constant_s32(0);
+            let updated = match self.key.phase {
+                Phase::ContextEncoding => {
+                    // The prompt's keys/values into its slot's row; it attends to them directly.
+                    let new4 = self.b.reshape(new, &[1, t, nkv, hd])?;
+                    let stored = self.to_cache(new4);
+                    let slot = self.step.slot.ok_or_else(|| Error::Internal("context encoding without a slot".into()))?;
+                    attend_kv.push(new4);
+                    self.b.dynamic_update_slice(cache, stored, &[slot, zero, zero, zero])?
+                }
+                Phase::TokenGeneration => {
+                    // Row r's token at its position in cache row r, then rows 0..batch attend over
+                    // their first `bucket` positions.
+                    let mut c = cache;
+                    for r in 0..bt {
+                        let row = self.b.slice(new, &[r, 0], &[r + 1, nkv * hd])?;
+                        let row = self.b.reshape(row, &[1, 1, nkv, hd])?;
+                        let row = self.to_cache(row);
+                        let pos = self.b.slice(self.step.positions, &[r], &[r + 1])?;
+                        let pos = self.b.reshape(pos, &[])?;
+                        let rn = self.b.constant_s32(r as i32);
+                        c = self.b.dynamic_update_slice(c, row, &[rn, pos, zero, zero])?;
+                    }
+                    let window = self.b.slice(c, &[0, 0, 0, 0], &[bt, keys, nkv, hd])?;
+                    let window = self.from_cache(window);
+                    attend_kv.push(window);
+                    c
+                }
+            };
+            self.caches.push((idx, updated));
         }
-        let (kc, vc) = (cached[0], cached[1]);
-        // Heads are kv-major (head h uses kv head h / g): fold each kv head's g query heads into rows.
-        let q4 = r.b.reshape(q, &[t, nkv, g, hd])?;
-        let qt = r.b.transpose(q4, &[1, 2, 0, 3])?;
-        let qb = r.b.reshape(qt, &[nkv, g * t, hd])?;
-        let kt = r.b.transpose(kc, &[1, 0, 2])?;
-        let vt = r.b.transpose(vc, &[1, 0, 2])?;
-        let scores = r.b.dot_general(qb, kt, &[0], &[0], 2, 2)?;
-        let sc = r.b.full(spec.scale_or_default(), &[nkv, g * t, s])?;
-        let scores = r.b.binary("multiply", scores, sc)?;
-        let m4 = r.b.broadcast(mask, &[nkv, g, t, s], &[2, 3])?;
-        let m3 = r.b.reshape(m4, &[nkv, g * t, s])?;
-        let scores = r.b.binary("add", scores, m3)?;
-        let max = r.b.reduce(scores, &[2], "maximum")?;
-        let max = r.b.broadcast(max, &[nkv, g * t, s], &[0, 1])?;
-        let shifted = r.b.binary("subtract", scores, max)?;
-        let e = r.b.unary("exponential", shifted);
-        let z = r.b.reduce(e, &[2], "add")?;
-        let z = r.b.broadcast(z, &[nkv, g * t, s], &[0, 1])?;
-        let p = r.b.binary("divide", e, z)?;
-        let out = r.b.dot_general(p, vt, &[0], &[0], 2, 1)?;
-        let out = r.b.reshape(out, &[nkv, g, t, hd])?;
-        let out = r.b.transpose(out, &[2, 0, 1, 3])?;
-        let out = r.b.reshape(out, &[t, nh * hd])?;
-        drop(r);
-        self.position = Some(position);
-        if !self.masks.iter().any(|(w, _)| *w == spec.window) {
-            self.masks.push((spec.window, mask));
-        }
-        self.caches.extend([kc, vc]);
-        Ok(out)
+        self.attention(spec, q, attend_kv[0], attend_kv[1])
     }
 
     fn all_reduce(&mut self, x: Node) -> Result<Node> {
-        if self.ranks == 1 {
+        if self.set.ranks == 1 {
             return Ok(x);
         }
-        let group: Vec<i64> = (0..self.ranks as i64).collect();
-        self.b().b.all_reduce_sum(x, &[group])
+        let group: Vec<i64> = (0..self.set.ranks as i64).collect();
+        self.b.all_reduce_sum(x, &[group])
     }
 
     fn add(&mut self, x: &mut Node, y: Node) -> Result<()> {
-        *x = self.b().b.binary("add", *x, y)?;
+        *x = self.b.binary("add", *x, y)?;
         Ok(())
     }
 
     fn output_rows(&mut self, x: Node) -> Result<Node> {
-        let t = self.t();
-        let mut r = self.b();
-        let w = dims_of(&r, x)[1];
-        r.b.slice(x, &[t - 1, 0], &[t, w])
-    }
-}
-
-/// One rank's recorded graph: its serialized module and what each parameter is bound to.
-pub struct RecordedRank {
-    pub module: Vec<u8>,
-    pub bindings: Vec<Binding>,
-}
-
-/// Records the step that appends `tokens` at `start_pos` to caches of `cache_len` positions, for
-/// each rank of `shapes`: the same graph on every rank, bound to that rank's shards. The graph
-/// depends only on (tokens.len(), cache_len) — context encoding when the prompt starts at 0, token
-/// generation for one token — its inputs (token ids, position, rotary tables, masks, caches) carry
-/// the rest. Outputs: the rank's logits for the last token ([1, vocab/ranks]) and every layer's
-/// K and V cache (aliased to their inputs; the caller feeds them to the next step).
-pub fn record_step(
-    cfg: &ModelConfig,
-    shapes: &[RankShape],
-    ranks: Vec<HostWeights>,
-    tokens: &[u32],
-    start_pos: usize,
-    cache_len: usize,
-) -> Result<Vec<RecordedRank>> {
-    use prost::Message;
-    if tokens.is_empty() || tokens.iter().any(|&t| t as usize >= cfg.vocab_size) {
-        return Err(Error::invalid(format!("record a step of 1 or more token ids below the vocabulary size {}", cfg.vocab_size)));
-    }
-    if start_pos + tokens.len() > cache_len || cache_len > 1 << 20 {
-        return Err(Error::invalid(format!(
-            "a step of {} tokens at position {start_pos} does not fit a cache of {cache_len} positions (at most 2^20)",
-            tokens.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(ranks.len());
-    for (shape, w) in shapes.iter().zip(ranks) {
-        let rec = RefCell::new(Recorder { b: ModuleBuilder::new("kvgen_prefill"), bindings: vec![] });
-        let weights = w.build(&mut HloWeights { rec: &rec, count: 0, embed: None })?;
-        let model = LlamaModel::new(cfg.clone(), shape.clone(), weights);
-        let mut ops = HloOps {
-            rec: &rec,
-            tokens: tokens.to_vec(),
-            start_pos,
-            cache_len: cache_len as i64,
-            ranks: shapes.len(),
-            caches: vec![],
-            position: None,
-            masks: vec![],
-        };
-        let logits = model.forward(&mut ops)?;
-        let caches = std::mem::take(&mut ops.caches);
-        drop(ops);
-        let Recorder { b, bindings } = rec.into_inner();
-        // Each cache output aliases its parameter.
-        let mut outputs = vec![logits];
-        let mut aliases = vec![];
-        for (i, c) in caches.iter().enumerate() {
-            outputs.push(*c);
-            let name = format!("l{}.{}_cache", i / 2, if i % 2 == 0 { "k" } else { "v" });
-            let param = bindings.iter().position(|bd| bd.name == name).ok_or_else(|| Error::Internal(format!("no parameter {name}")))?;
-            aliases.push((i + 1, param));
+        match self.step.last {
+            Some(last) => {
+                let w = self.dims(x)[1];
+                let zero = self.b.constant_s32(0);
+                self.b.dynamic_slice(x, &[last, zero], &[1, w])
+            }
+            None => {
+                debug_assert_eq!(self.dims(x)[0], self.rows);
+                Ok(x)
+            }
         }
-        let module = b.finish(&outputs, &aliases)?;
-        out.push(RecordedRank { module: module.encode_to_vec(), bindings });
     }
-    Ok(out)
 }

@@ -40,7 +40,7 @@ pub struct TorchUpload {
 impl WeightBuilder for TorchUpload {
     type Kinds = TorchKinds;
 
-    fn linear(&mut self, l: HostLinear) -> Result<TorchLinear> {
+    fn linear(&mut self, _name: &str, l: HostLinear) -> Result<TorchLinear> {
         let splits = l.parts.iter().map(|p| p.w.rows as i64).collect();
         let mats = l.parts.iter().map(|p| matrix(&p.w, self.kind, self.device)).collect::<Result<Vec<_>>>()?;
         let w = if mats.len() == 1 { mats.into_iter().next() } else { Some(Tensor::f_cat(&mats, 0).map_err(tch_err)?) };
@@ -55,7 +55,7 @@ impl WeightBuilder for TorchUpload {
         Ok(TorchLinear { w, bias, splits })
     }
 
-    fn norm(&mut self, v: Vec<f32>) -> Result<Tensor> {
+    fn norm(&mut self, _name: &str, v: Vec<f32>) -> Result<Tensor> {
         vector(&v, self.kind, self.device)
     }
 

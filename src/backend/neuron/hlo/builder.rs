@@ -340,9 +340,59 @@ impl ModuleBuilder {
         Ok(self.push("dynamic-update-slice", so, &operands, |_| {}))
     }
 
+    /// Rows `idx` ([t] s32, each in range) of `table` ([rows, width]) -> [t, width]: the
+    /// embedding lookup and the rotary tables at the step's positions.
+    pub fn gather_rows(&mut self, table: Node, idx: Node) -> Result<Node> {
+        let (st, si) = (self.shape(table).clone(), self.shape(idx).clone());
+        if st.dims.len() != 2 || si.ty != PrimitiveType::S32 || si.dims.len() != 1 {
+            return Err(shape_err("gather", format!("rows {si:?} of {st:?}")));
+        }
+        let numbers = GatherDimensionNumbers {
+            offset_dims: vec![1],
+            collapsed_slice_dims: vec![0],
+            start_index_map: vec![0],
+            index_vector_dim: 1,
+        };
+        let width = st.dims[1];
+        Ok(self.push("gather", Shape::new(st.ty, &[si.dims[0], width]), &[table, idx], |ins| {
+            ins.gather_dimension_numbers = Some(numbers);
+            ins.gather_slice_sizes = vec![1, width];
+        }))
+    }
+
+    /// The `sizes` block of `x` at `starts` (one scalar s32 index per dimension).
+    pub fn dynamic_slice(&mut self, x: Node, starts: &[Node], sizes: &[i64]) -> Result<Node> {
+        let s = self.shape(x).clone();
+        let idx_ok = starts.iter().all(|&n| *self.shape(n) == Shape::new(PrimitiveType::S32, &[]));
+        let fits = sizes.len() == s.dims.len() && sizes.iter().zip(&s.dims).all(|(&z, &d)| z >= 0 && z <= d);
+        if !fits || !idx_ok || starts.len() != s.dims.len() {
+            return Err(shape_err("dynamic-slice", format!("{sizes:?} of {s:?} at {} indices", starts.len())));
+        }
+        let mut operands = vec![x];
+        operands.extend_from_slice(starts);
+        Ok(self.push("dynamic-slice", Shape::new(s.ty, sizes), &operands, |ins| ins.dynamic_slice_sizes = sizes.to_vec()))
+    }
+
+    /// Elementwise `pred ? a : b`.
+    pub fn select(&mut self, pred: Node, a: Node, b: Node) -> Result<Node> {
+        let (sp, sa, sb) = (self.shape(pred).clone(), self.shape(a).clone(), self.shape(b).clone());
+        if sp.ty != PrimitiveType::Pred || sa != sb || sp.dims != sa.dims {
+            return Err(shape_err("select", format!("{sp:?} ? {sa:?} : {sb:?}")));
+        }
+        Ok(self.push("select", sa, &[pred, a, b], |_| {}))
+    }
+
     /// The root: a tuple of `outputs`; `aliases` are (output index, parameter number) pairs whose
     /// buffers must be the same (the KV caches updated in place).
-    pub fn finish(mut self, outputs: &[Node], aliases: &[(usize, usize)]) -> Result<HloModuleProto> {
+    pub fn finish(self, outputs: &[Node], aliases: &[(usize, usize)]) -> Result<HloModuleProto> {
+        self.finish_named(outputs, &[], aliases)
+    }
+
+    /// `finish` with the NEFF output names (`neff_output_names` on the root) when not empty.
+    pub fn finish_named(mut self, outputs: &[Node], names: &[String], aliases: &[(usize, usize)]) -> Result<HloModuleProto> {
+        if !names.is_empty() && names.len() != outputs.len() {
+            return Err(shape_err("tuple", format!("{} names for {} outputs", names.len(), outputs.len())));
+        }
         for &(out, param) in aliases {
             let (o, p) = (outputs.get(out), self.entry.params.get(param));
             match (o, p) {
@@ -360,6 +410,9 @@ impl ModuleBuilder {
             shape: Some(tuple_shape.clone()),
             id: root_id,
             operand_ids: outputs.iter().map(|o| self.entry.instrs[o.0].id).collect(),
+            frontend_attributes: (!names.is_empty()).then(|| FrontendAttributes {
+                map: [("neff_output_names".to_string(), names.join(","))].into_iter().collect(),
+            }),
             ..Default::default()
         };
         self.entry.instrs.push(root);

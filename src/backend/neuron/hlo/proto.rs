@@ -81,6 +81,18 @@ pub struct DotDimensionNumbers {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+pub struct GatherDimensionNumbers {
+    #[prost(int64, repeated, tag = "1")]
+    pub offset_dims: Vec<i64>,
+    #[prost(int64, repeated, tag = "2")]
+    pub collapsed_slice_dims: Vec<i64>,
+    #[prost(int64, repeated, tag = "3")]
+    pub start_index_map: Vec<i64>,
+    #[prost(int64, tag = "4")]
+    pub index_vector_dim: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct ReplicaGroup {
     #[prost(int64, repeated, tag = "1")]
     pub replica_ids: Vec<i64>,
@@ -124,6 +136,10 @@ pub struct HloInstructionProto {
     pub dynamic_slice_sizes: Vec<i64>,
     #[prost(message, optional, tag = "30")]
     pub dot_dimension_numbers: Option<DotDimensionNumbers>,
+    #[prost(message, optional, tag = "33")]
+    pub gather_dimension_numbers: Option<GatherDimensionNumbers>,
+    #[prost(int64, repeated, tag = "34")]
+    pub gather_slice_sizes: Vec<i64>,
     #[prost(int64, tag = "35")]
     pub id: i64,
     #[prost(int64, repeated, tag = "36")]
@@ -134,6 +150,8 @@ pub struct HloInstructionProto {
     pub replica_groups: Vec<ReplicaGroup>,
     #[prost(string, tag = "63")]
     pub comparison_direction: String,
+    #[prost(bool, tag = "67")]
+    pub indices_are_sorted: bool,
     #[prost(message, optional, tag = "68")]
     pub frontend_attributes: Option<FrontendAttributes>,
 }
