@@ -1,9 +1,8 @@
 """The Neuron path's HLO emitter against XLA itself: jaxlib 0.10.2's XLA:CPU verifies, compiles and
 runs the very bytes kvgen writes, on two host devices, one per tensor-parallel rank: a pinned
 self-check module (a row-parallel matmul shard, an all-reduce over replicas {0, 1} with
-replica_groups in field 49, a KV-cache dynamic-update-slice aliased input->output), and the
-family forward of src/model/ recorded through the HLO Ops backend at tp_degree=2 (context
-encoding on every fixture architecture; prefill then decode graphs generating greedily).
+replica_groups in field 49, a KV-cache dynamic-update-slice aliased input->output). The model
+graphs run end to end in test_neuron_xla.py.
 
 The XLA harness runs in a subprocess: a malformed module can crash jaxlib, not just raise.
 """
@@ -19,7 +18,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from tiny_models import ALL_KINDS
 
 pytest.importorskip("jax", reason="jax==0.10.2 / jaxlib==0.10.2 run the emitted HLO on XLA:CPU")
 
@@ -98,70 +96,3 @@ def test_selfcheck_graph_sizes_are_validated(kvgen):
         kvgen._kvgen._hlo_selfcheck_graph(0, 8, 3, 6)
     with pytest.raises(kvgen.InvalidInputError, match="sizes"):
         kvgen._kvgen._hlo_selfcheck_graph(8, 8, 3, 4)  # the update is taller than the cache
-
-
-PREFILL = [1, 5, 9, 22, 7, 31, 40, 2, 17, 3, 11]  # longer than the Mistral fixture's window (8)
-
-
-def _inputs_of(ranks) -> dict[str, list[np.ndarray]]:
-    """Each graph input's per-rank array, from `_hlo_record_step`'s bindings."""
-    names = [b[0] for b in ranks[0][1]]
-    assert all([b[0] for b in r[1]] == names for r in ranks)
-    return {
-        name: [
-            np.frombuffer(bytes(r[1][i][3]), dtype=np.float32 if r[1][i][2] == "f32" else np.int32)
-            .reshape(r[1][i][1])
-            .copy()
-            for r in ranks
-        ]
-        for i, name in enumerate(names)
-    }
-
-
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_recorded_forward_at_tp2_runs_on_xla_and_matches_the_cpu_backend(kind, kvgen, kv_model, model_dir, tmp_path):
-    """The family forward of src/model/, recorded through the HLO Ops backend for each rank of
-    tp_degree=2 (context encoding of one prompt), runs on XLA:CPU as one graph on two replicas;
-    the rank-order concatenation of the vocab-split logits equals the native CPU backend's."""
-    ranks = kvgen._kvgen._hlo_record_step(str(model_dir(kind)), 2, PREFILL, 0, len(PREFILL))
-    assert len(ranks) == 2
-    assert bytes(ranks[0][0]) == bytes(ranks[1][0]), "both ranks must run the same graph"
-    outs = run_on_xla(tmp_path, bytes(ranks[0][0]), _inputs_of(ranks))
-    logits = np.concatenate([outs[0][0], outs[0][1]], axis=-1)[0]
-    ref = kv_model(kind).logits(np.array([PREFILL]))[0, -1]
-    assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), kind
-    # Caches come back per rank (its kv heads), one k and one v per layer.
-    assert len(outs) == 1 + 2 * kv_model(kind).config.num_hidden_layers
-
-
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
-def test_recorded_prefill_then_decode_graphs_generate_the_cpu_backends_tokens(kind, kvgen, kv_model, model_dir, tmp_path):
-    """Greedy generation through the recorded graphs at tp_degree=2: one context-encoding graph,
-    then one token-generation graph replayed every step (the same bytes whatever the position),
-    the caches each step returns fed to the next; the tokens equal the native CPU backend's."""
-    prompt, steps, bucket = PREFILL[:6], 6, 16  # 12 positions > the Mistral window (8)
-    gen = kv_model(kind)
-    want = [int(t) for t in gen.generate(np.array([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)[0][len(prompt):]]
-    record = lambda toks, pos: kvgen._kvgen._hlo_record_step(str(model_dir(kind)), 2, toks, pos, bucket)
-    ranks = record(prompt, 0)
-    (tmp_path / "prefill").mkdir()
-    outs = run_on_xla(tmp_path / "prefill", bytes(ranks[0][0]), _inputs_of(ranks))
-    cache_names = [n for n in _inputs_of(ranks) if n.endswith("_cache")]
-    got, decode_graph = [], None
-    for step in range(steps):
-        logits = np.concatenate([outs[0][0], outs[0][1]], axis=-1)[0]
-        token = int(np.argmax(logits))
-        got.append(token)
-        if step == steps - 1:
-            break
-        ranks = record([token], len(prompt) + step)
-        graph = bytes(ranks[0][0])
-        assert decode_graph in (None, graph), "a token-generation graph must not depend on the position"
-        decode_graph = graph
-        inputs = _inputs_of(ranks)
-        for i, name in enumerate(cache_names):
-            inputs[name] = [outs[1 + i][0], outs[1 + i][1]]
-        d = tmp_path / f"decode{step}"
-        d.mkdir()
-        outs = run_on_xla(d, graph, inputs)
-    assert got == want, f"{kind}: XLA graphs {got} vs CPU backend {want}"

@@ -148,6 +148,8 @@ def main() -> int:
                 worker.load(h, blobs)
             elif op == "run":
                 out = worker.run(h, blobs)
+            elif op == "fetch":
+                out = [worker.np.asarray(worker.tensors[h["rank"]][h["name"]]).tobytes()]
             else:
                 raise ValueError(f"unknown op {op!r}")
             _send(fout, {"ok": True}, out)

@@ -379,6 +379,10 @@ class Generator:
         digest of each rank's result."""
         self._engine.record_all_reduces(bool(on))
 
+    def _debug_tensor(self, name: str) -> list:
+        """Test hook (device="neuron"): a named device tensor's bytes on each rank."""
+        return [bytes(b) for b in self._engine.debug_tensor(name)]
+
     def _all_reduce_log(self) -> list:
         """The recorded digests (one list of tp_degree ints per all-reduce, in order); cleared."""
         return self._engine.all_reduce_log()

@@ -56,6 +56,11 @@ pub trait Backend: Send + Sync {
     /// Debug hook: starts (clearing the log) or stops (keeping it) recording a digest of every rank's
     /// result of every all-reduce.
     fn record_all_reduces(&self, _on: bool) {}
+    /// Debug hook: a persistent device tensor's bytes on every rank (Neuron: a weight, table or
+    /// cache by its manifest name).
+    fn debug_tensor(&self, name: &str) -> Result<Vec<Vec<u8>>> {
+        Err(crate::error::Error::invalid(format!("this backend has no named device tensors (asked for {name:?})")))
+    }
     /// The recorded digests, one entry per all-reduce in order, one value per rank; cleared.
     fn take_all_reduce_log(&self) -> Vec<Vec<u64>> {
         Vec::new()

@@ -205,11 +205,11 @@ fn shared_layer(l: LayerWeights) -> LayerWeights {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tensor::{Buf, Data};
 
-    fn config(heads: usize, kv_heads: usize, tied: bool) -> ModelConfig {
+    pub(crate) fn config(heads: usize, kv_heads: usize, tied: bool) -> ModelConfig {
         ModelConfig::from_json(serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
@@ -225,7 +225,7 @@ mod tests {
         Matrix { rows, cols, data: Data::F32(Buf::Owned(v)) }
     }
 
-    fn weights(cfg: &ModelConfig) -> LlamaWeights {
+    pub(crate) fn weights(cfg: &ModelConfig) -> LlamaWeights {
         let (h, q, kv, i) = (16, cfg.num_attention_heads * 4, cfg.num_key_value_heads * 4, 24);
         let bias = |n: usize| Some((0..n).map(|x| x as f32).collect::<Vec<_>>());
         LlamaWeights {

@@ -327,6 +327,13 @@ impl PyEngine {
         self.inner.backend.take_all_reduce_log()
     }
 
+    /// Debug hook: a named device tensor's bytes on every rank (device="neuron").
+    fn debug_tensor<'py>(&self, py: Python<'py>, name: String) -> PyResult<Vec<Bound<'py, pyo3::types::PyBytes>>> {
+        let backend = std::sync::Arc::clone(&self.inner.backend);
+        let ranks = py.detach(|| guarded(|| backend.debug_tensor(&name))).py()?;
+        Ok(ranks.iter().map(|b| pyo3::types::PyBytes::new(py, b)).collect())
+    }
+
     fn reset_scheduler_peaks(&self) -> PyResult<()> {
         self.scheduler()?.reset_peaks();
         Ok(())

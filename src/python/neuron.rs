@@ -56,7 +56,47 @@ fn _neuron_export(
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// A graph's interface as its bytes state it: entry parameters (number, NEFF name, element
+/// type, dims), the root's NEFF output names, and (output, parameter) must-alias pairs.
+type GraphIo = (Vec<(i64, String, i32, Vec<i64>)>, Vec<String>, Vec<(i64, i64, i32)>);
+
+/// `_hlo_graph_io(pb) -> (params, output_names, aliases)`: decodes a serialized HloModuleProto,
+/// so tests check manifest.json against the graph itself.
+#[pyfunction]
+fn _hlo_graph_io(pb: &[u8]) -> PyResult<GraphIo> {
+    use crate::backend::neuron::hlo::proto::HloModuleProto;
+    use prost::Message;
+    let bad = |m: String| to_py(crate::error::Error::invalid(m));
+    let module = HloModuleProto::decode(pb).map_err(|e| bad(format!("not an HloModuleProto: {e}")))?;
+    let entry = module
+        .computations
+        .iter()
+        .find(|c| c.id == module.entry_computation_id)
+        .ok_or_else(|| bad("no entry computation".into()))?;
+    let attr = |i: &crate::backend::neuron::hlo::proto::HloInstructionProto, k: &str| {
+        i.frontend_attributes.as_ref().and_then(|f| f.map.get(k).cloned()).unwrap_or_default()
+    };
+    let mut params: Vec<_> = entry
+        .instructions
+        .iter()
+        .filter(|i| i.opcode == "parameter")
+        .map(|i| {
+            let s = i.shape.clone().unwrap_or_default();
+            (i.parameter_number, attr(i, "neff_input_names"), s.element_type, s.dimensions)
+        })
+        .collect();
+    params.sort_by_key(|p| p.0);
+    let root = entry.instructions.iter().find(|i| i.id == entry.root_id).ok_or_else(|| bad("no root".into()))?;
+    let names = attr(root, "neff_output_names").split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+    let aliases = module
+        .input_output_alias
+        .map(|a| a.entries.iter().map(|e| (e.output_shape_index.first().copied().unwrap_or(-1), e.parameter_number, e.kind)).collect())
+        .unwrap_or_default();
+    Ok((params, names, aliases))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_hlo_selfcheck_graph, m)?)?;
+    m.add_function(wrap_pyfunction!(_hlo_graph_io, m)?)?;
     m.add_function(wrap_pyfunction!(_neuron_export, m)?)
 }

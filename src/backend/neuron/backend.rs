@@ -106,6 +106,9 @@ impl NeuronBackend {
         let (dir, scratch) = match (&opts.dir, &existing) {
             (Some(d), Some(m)) => {
                 check_same_graphs(d, m, &manifest)?;
+                if opts.executor == ExecutorKind::XlaCpu {
+                    check_files(d, m)?;
+                }
                 (d.clone(), None)
             }
             (Some(d), None) if opts.executor == ExecutorKind::XlaCpu => {
@@ -216,6 +219,21 @@ fn check_same_graphs(dir: &std::path::Path, export: &Manifest, recorded: &Manife
                 export.kvgen_version
             ),
         });
+    }
+    Ok(())
+}
+
+/// The graph files on disk are the ones the manifest describes (the XLA:CPU worker reads them).
+fn check_files(dir: &std::path::Path, m: &Manifest) -> Result<()> {
+    for g in &m.graphs {
+        let path = dir.join(&g.file);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        if super::export::sha256_hex(&bytes) != g.sha256 {
+            return Err(Error::BadModelFile {
+                path,
+                message: "this graph file differs from the one manifest.json describes (sha256); export again".into(),
+            });
+        }
     }
     Ok(())
 }
@@ -335,6 +353,11 @@ impl Backend for NeuronBackend {
             }
         }
         Ok(out)
+    }
+
+    fn debug_tensor(&self, name: &str) -> Result<Vec<Vec<u8>>> {
+        let mut st = self.state()?;
+        (0..self.plan.shape.ranks).map(|r| st.exec.fetch(r, name)).collect()
     }
 
     fn memory_stats(&self) -> MemoryStats {

@@ -48,4 +48,8 @@ pub trait Executor: Send {
     /// `dir` holds the manifest and the files it names.
     fn load(&mut self, manifest: &Manifest, dir: &Path) -> Result<()>;
     fn run(&mut self, graph: &str, inputs: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<Vec<u8>>>>;
+    /// A persistent tensor's current bytes on `rank` (tests read the caches back).
+    fn fetch(&mut self, rank: usize, name: &str) -> Result<Vec<u8>> {
+        Err(crate::error::Error::invalid(format!("this executor cannot read tensor {name:?} of rank {rank} back")))
+    }
 }

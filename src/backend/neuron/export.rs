@@ -190,3 +190,92 @@ pub fn export(cfg: &ModelConfig, weights: LlamaWeights, out_dir: &Path, opts: &S
     let (manifest, modules) = build_set(cfg, &tensors, &plan)?;
     write_set(out_dir, &manifest, &modules)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::neuron::manifest::ShardRule;
+    use crate::model::tp::tests::{config, weights};
+
+    fn opts(tp: usize) -> SetOptions {
+        SetOptions { tp_degree: tp, batch_sizes: vec![2, 1], buckets: Some(vec![4]), max_context: Some(8), dtype: ElemType::Float32 }
+    }
+
+    fn fnv(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    }
+
+    #[test]
+    fn buckets_are_powers_of_two_up_to_max_context() {
+        let cfg = config(4, 2, true);
+        let mut o = opts(2);
+        o.buckets = None;
+        o.max_context = Some(1000);
+        let cfg_long = ModelConfig { max_position_embeddings: 4096, ..cfg.clone() };
+        assert_eq!(plan_set(&cfg_long, &o).unwrap().buckets, vec![128, 256, 512, 1000]);
+        o.max_context = Some(48);
+        assert_eq!(plan_set(&cfg_long, &o).unwrap().buckets, vec![48]);
+        o.max_context = Some(5000);
+        assert!(plan_set(&cfg_long, &o).unwrap_err().to_string().contains("max_position_embeddings"));
+        let p = plan_set(&cfg_long, &opts(2)).unwrap();
+        assert_eq!((p.buckets.clone(), p.batch_sizes.clone(), p.shape.max_batch), (vec![4, 8], vec![1, 2], 2));
+        let names: Vec<String> = graph_keys(&p).iter().map(|k| k.name()).collect();
+        assert_eq!(names, ["cte_b1_n4", "cte_b1_n8", "tkg_b1_n4", "tkg_b1_n8", "tkg_b2_n4", "tkg_b2_n8"]);
+        let mut bad = opts(2);
+        bad.batch_sizes = vec![0];
+        assert!(plan_set(&cfg_long, &bad).is_err());
+        bad = opts(2);
+        bad.buckets = Some(vec![16]);
+        assert!(plan_set(&cfg_long, &bad).is_err());
+    }
+
+    fn set_of(tp: usize, tied: bool) -> (Vec<RankTensors>, SetPlan, ModelConfig) {
+        let cfg = config(4, 2, tied);
+        let cfg = ModelConfig { max_position_embeddings: 64, ..cfg };
+        let tp_plan = TpPlan::new(&cfg, tp).unwrap();
+        let plan = plan_set(&cfg, &opts(tp)).unwrap();
+        let shards = tp_plan.shard(&cfg, weights(&cfg)).unwrap();
+        (all_rank_tensors(&cfg, &tp_plan, shards, &plan.shape, true).unwrap(), plan, cfg)
+    }
+
+    #[test]
+    fn every_rank_binds_the_same_named_tensors_with_their_shard_rules() {
+        // 10 vocabulary rows over 4 ranks: 3 each, the last rank's 1 padded with 2 zero rows.
+        let (ranks, _, _) = set_of(4, true);
+        let t = &ranks[3].tensors;
+        let find = |n: &str| t.iter().position(|x| x.spec.name == n).unwrap();
+        let head = find("lm_head.weight");
+        assert_eq!((t[head].spec.shape.clone(), t[head].shard), (vec![3, 16], ShardRule::Vocab));
+        let v = ranks[3].values[head].as_ref().unwrap();
+        assert_eq!(v.len(), 3 * 16 * 4);
+        assert!(v[16 * 4..].iter().all(|&b| b == 0), "padding rows are zeros");
+        assert_eq!(t[find("layers.0.o_proj.bias")].shard, ShardRule::RankZero);
+        let ob = ranks[1].values[find("layers.0.o_proj.bias")].as_ref().unwrap();
+        assert!(ob.iter().all(|&b| b == 0), "a row-parallel bias counts on rank 0 only");
+        assert_eq!(t[find("layers.0.q_proj.weight")].shard, ShardRule::Column);
+        assert_eq!(t[find("layers.0.down_proj.weight")].shard, ShardRule::Row);
+        assert_eq!(t[find("layers.0.k_cache")].spec.shape, vec![2, 8, 1, 4]);
+        assert!(ranks[0].values[find("layers.0.k_cache")].is_none());
+    }
+
+    #[test]
+    fn manifest_names_aliases_and_graph_bytes_are_pinned() {
+        let (ranks, plan, cfg) = set_of(2, false);
+        let (m, modules) = build_set(&cfg, &ranks[0], &plan).unwrap();
+        let (m1, modules1) = build_set(&cfg, &ranks[1], &plan).unwrap();
+        assert_eq!((&m, &modules), (&m1, &modules1), "both ranks run the same graphs");
+        let g = m.graph("tkg_b2_n4").unwrap();
+        let steps: Vec<&str> = g.inputs.iter().filter(|i| i.role == Role::Step).map(|i| i.spec.name.as_str()).collect();
+        assert_eq!(steps, ["tokens", "positions"]);
+        let cache = g.inputs.iter().find(|i| i.spec.name == "layers.0.v_cache").unwrap();
+        assert_eq!(cache.neff_name, "layers.0.v_cache.must_alias_input");
+        assert_eq!(g.outputs[0].spec.shape, vec![2, 5]);
+        assert_eq!(g.outputs[2].aliases.as_deref(), Some("layers.0.v_cache"));
+        let cte = m.graph("cte_b1_n4").unwrap();
+        assert_eq!(cte.outputs[0].spec.shape, vec![1, 5]);
+        assert!(m.graphs.iter().zip(&modules).all(|(g, b)| g.sha256 == sha256_hex(b)));
+        // Golden bytes: a field number or layout slip changes them.
+        let i = m.graphs.iter().position(|g| g.name == "tkg_b1_n4").unwrap();
+        assert_eq!((modules[i].len(), fnv(&modules[i])), (12539, 13784389476970020584), "pinned graph bytes changed");
+    }
+}

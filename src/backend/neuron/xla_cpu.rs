@@ -158,6 +158,17 @@ impl Executor for XlaCpuExecutor {
         let mut it = out.into_iter();
         Ok((0..self.ranks).map(|_| it.by_ref().take(each).collect()).collect())
     }
+
+    fn fetch(&mut self, rank: usize, name: &str) -> Result<Vec<u8>> {
+        self.fetch_bytes(rank, name)
+    }
+}
+
+impl XlaCpuExecutor {
+    fn fetch_bytes(&mut self, rank: usize, name: &str) -> Result<Vec<u8>> {
+        let mut out = self.call(json!({"op": "fetch", "rank": rank, "name": name}), &[])?;
+        out.pop().ok_or_else(|| Error::Backend(format!("XLA:CPU returned nothing for {name}")))
+    }
 }
 
 impl Drop for XlaCpuExecutor {
