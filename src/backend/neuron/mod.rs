@@ -6,4 +6,5 @@
 pub mod executor;
 pub mod hlo;
 pub mod manifest;
+pub mod nrt;
 pub mod record;
