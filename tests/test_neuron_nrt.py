@@ -381,3 +381,64 @@ def test_teardown_frees_everything_before_nrt_close(double, tmp_path):
         ex.run("tkg_b1_n1", step_inputs(1, 1))
     Probe.open(TP).close()
     assert log_lines(double)[-1].startswith("nrt_close live: tensors=0")
+
+
+DOUBLE_SELF_CHECK = r"""
+import ctypes, json, sys
+lib = ctypes.CDLL(sys.argv[1])
+P = ctypes.c_void_p
+ref = ctypes.byref
+lib.nrt_init.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_char_p]
+lib.nrt_load_collectives.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32,
+                                     ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(P)]
+lib.nrt_tensor_allocate.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(P)]
+lib.nrt_allocate_tensor_set.argtypes = [ctypes.POINTER(P)]
+lib.nrt_add_tensor_to_tensor_set.argtypes = [P, ctypes.c_char_p, P]
+lib.nrt_execute.argtypes = [P, P, P]
+codes = {}
+s = P()
+codes["set_before_init"] = lib.nrt_allocate_tensor_set(ref(s))
+codes["init"] = lib.nrt_init(1, b"", b"")
+neff = json.dumps({"tensors": [{"name": "kc.must_alias_input", "usage": "input", "size": 8},
+                               {"name": "kc", "usage": "output", "size": 8}]}).encode()
+m = P()
+codes["load"] = lib.nrt_load_collectives(neff, len(neff), 0, 1, 0, 1, ref(m))
+a, b, c = P(), P(), P()
+codes["alloc_bad_vnc"] = lib.nrt_tensor_allocate(0, 5, 8, b"x", ref(c))
+lib.nrt_tensor_allocate(0, 0, 8, b"a", ref(a))
+lib.nrt_tensor_allocate(0, 0, 8, b"b", ref(b))
+ins, outs = P(), P()
+lib.nrt_allocate_tensor_set(ref(ins))
+lib.nrt_allocate_tensor_set(ref(outs))
+codes["unbound"] = lib.nrt_execute(m, ins, outs)
+lib.nrt_add_tensor_to_tensor_set(ins, b"kc.must_alias_input", a)
+lib.nrt_add_tensor_to_tensor_set(outs, b"kc", b)
+codes["not_aliased"] = lib.nrt_execute(m, ins, outs)
+lib.nrt_add_tensor_to_tensor_set(outs, b"kc", a)
+codes["aliased"] = lib.nrt_execute(m, ins, outs)
+lib.nrt_close()
+print(json.dumps(codes))
+"""
+
+
+def test_the_double_catches_broken_contracts(double_path, tmp_path):
+    """The double is not vacuous: calls that break the contracts are refused and logged."""
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, NRT_DOUBLE_LOG=str(log))
+    out = subprocess.run(
+        [sys.executable, "-c", DOUBLE_SELF_CHECK, str(double_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    codes = json.loads(out.stdout)
+    assert codes == {
+        "set_before_init": 2,
+        "init": 0,
+        "load": 0,
+        "alloc_bad_vnc": 2,
+        "unbound": 2,
+        "not_aliased": 2,
+        "aliased": 0,
+    }, codes
+    found = "\n".join(violations(log))
+    for what in ("before nrt_init", "vnc=5 outside", "is not bound", "must alias", "nrt_close while"):
+        assert what in found, found

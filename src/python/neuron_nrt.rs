@@ -90,8 +90,8 @@ impl NrtExecutorProbe {
 
     /// Frees every handle (and, with the last executor of the process, closes the runtime).
     fn close(&self, py: Python<'_>) {
-        let exec = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-        py.detach(move || drop(exec));
+        // Taken and dropped without the GIL: a run in another thread holds the lock meanwhile.
+        py.detach(|| drop(self.inner.lock().unwrap_or_else(|p| p.into_inner()).take()));
     }
 }
 

@@ -313,7 +313,9 @@ pub unsafe extern "C" fn nrt_load_collectives(
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             log(&format!("nrt_load_collectives rank {ctx_device_id} -> NRT_TIMEOUT"));
-            violation(&format!("rank {ctx_device_id} loaded a collective NEFF while its peers did not (load ranks concurrently)"));
+            violation(&format!(
+                "rank {ctx_device_id} loaded a collective NEFF while its peers did not (load ranks concurrently)"
+            ));
             return TIMEOUT;
         }
         s = wake().wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
@@ -559,7 +561,11 @@ pub unsafe extern "C" fn nrt_destroy_tensor_set(set: *mut *mut c_void) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nrt_add_tensor_to_tensor_set(set: *mut c_void, name: *const c_char, tensor: *mut c_void) -> u32 {
+pub unsafe extern "C" fn nrt_add_tensor_to_tensor_set(
+    set: *mut c_void,
+    name: *const c_char,
+    tensor: *mut c_void,
+) -> u32 {
     let mut s = state();
     let label = cstr(name).unwrap_or_default();
     log(&format!("nrt_add_tensor_to_tensor_set {label}"));
@@ -584,7 +590,8 @@ fn check_sets(s: &State, m: &ModelRec, ins: usize, outs: usize) -> Result<Vec<St
     let find = |set: &SetRec, name: &str| set.binds.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
     for info in &m.infos {
         let (set, side) = if info.input { (input, "input") } else { (output, "output") };
-        let t = find(set, &info.name).ok_or(format!("{side} {} of the model is not bound in the {side} set", info.name))?;
+        let t =
+            find(set, &info.name).ok_or(format!("{side} {} of the model is not bound in the {side} set", info.name))?;
         let rec = s.tensors.get(&t).ok_or(format!("{side} {} is bound to a freed tensor", info.name))?;
         if rec.data.len() != info.size {
             return Err(format!(
@@ -596,7 +603,10 @@ fn check_sets(s: &State, m: &ModelRec, ins: usize, outs: usize) -> Result<Vec<St
             ));
         }
         if rec.vnc != m.vnc {
-            return Err(format!("{side} {} is a tensor on core {}, the model is on core {}", info.name, rec.vnc, m.vnc));
+            return Err(format!(
+                "{side} {} is a tensor on core {}, the model is on core {}",
+                info.name, rec.vnc, m.vnc
+            ));
         }
     }
     for (set, side, want_input) in [(input, "input", true), (output, "output", false)] {

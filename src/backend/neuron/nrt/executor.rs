@@ -156,9 +156,10 @@ fn build_sets(
             let t = match &o.aliases {
                 Some(target) => {
                     // check_aliases ran at load: the target is a persistent input of this graph.
-                    let inp = entry.inputs.iter().find(|i| &i.spec.name == target).ok_or_else(|| {
-                        Error::Internal(format!("alias {target} of graph {} vanished", entry.name))
-                    })?;
+                    let inp =
+                        entry.inputs.iter().find(|i| &i.spec.name == target).ok_or_else(|| {
+                            Error::Internal(format!("alias {target} of graph {} vanished", entry.name))
+                        })?;
                     persistent(tensors, rank, &inp.spec, &entry.name)?
                 }
                 None => step_out.next().ok_or_else(|| Error::Internal("step outputs out of step".into()))?,
@@ -213,7 +214,8 @@ fn rank_job(
     let fail = |error: Error| RankFailure { error, timeout: false };
     Box::new(move || {
         for (t, data, what) in &writes {
-            write_raw(api, t.get(), rank, data, what).map_err(fail)?;
+            // SAFETY: the graph's step tensor (see Ptr), and run checked data against its size.
+            unsafe { write_raw(api, t.get(), rank, data, what) }.map_err(fail)?;
         }
         // SAFETY: a loaded model and its two built sets, alive while this job runs (see Ptr).
         let code = unsafe { (api.execute)(model.get(), sets.0.get(), sets.1.get()) };
@@ -224,7 +226,11 @@ fn rank_job(
                 timeout: code == status::TIMEOUT,
             });
         }
-        reads.iter().map(|(t, bytes, what)| read_raw(api, t.get(), rank, *bytes, what).map_err(fail)).collect()
+        // SAFETY: the graph's output tensors (see Ptr), read within their size.
+        reads
+            .iter()
+            .map(|(t, bytes, what)| unsafe { read_raw(api, t.get(), rank, *bytes, what) }.map_err(fail))
+            .collect()
     })
 }
 
@@ -286,7 +292,11 @@ impl Executor for NrtExecutor {
             plan::check_aliases(graph, &dir.join(FILE_NAME))?;
             let compile = format!("run `python -m kvgen neuron compile {}` first", dir.display());
             let rel = graph.neff.as_ref().ok_or_else(|| {
-                Error::BackendUnavailable(format!("graph {} of {} has no compiled NEFF; {compile}", graph.name, dir.display()))
+                Error::BackendUnavailable(format!(
+                    "graph {} of {} has no compiled NEFF; {compile}",
+                    graph.name,
+                    dir.display()
+                ))
             })?;
             let path = dir.join(rel);
             let neff = std::fs::read(&path).map_err(|e| match e.kind() {
@@ -303,7 +313,10 @@ impl Executor for NrtExecutor {
             for m in &models {
                 let b = plan::bind(graph, &m.tensor_info(&what)?, &path)?;
                 if binding.as_ref().is_some_and(|prev| prev != &b) {
-                    return Err(Error::bad_file(&path, format!("rank {} reports other tensor names than rank 0", m.rank)));
+                    return Err(Error::bad_file(
+                        &path,
+                        format!("rank {} reports other tensor names than rank 0", m.rank),
+                    ));
                 }
                 binding = Some(b);
             }
@@ -345,7 +358,10 @@ impl Executor for NrtExecutor {
         let step_specs: Vec<&TensorSpec> =
             g.entry.inputs.iter().filter(|i| i.role == Role::Step).map(|i| &i.spec).collect();
         if inputs.len() != tp {
-            return Err(Error::Internal(format!("graph {graph}: inputs for {} ranks, the executor has {tp}", inputs.len())));
+            return Err(Error::Internal(format!(
+                "graph {graph}: inputs for {} ranks, the executor has {tp}",
+                inputs.len()
+            )));
         }
         for (rank, rank_inputs) in inputs.iter().enumerate() {
             if rank_inputs.len() != step_specs.len() {

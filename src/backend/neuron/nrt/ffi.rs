@@ -75,7 +75,8 @@ const _: () = {
 
 type InitFn = unsafe extern "C" fn(u32, *const c_char, *const c_char) -> NrtStatus;
 type CloseFn = unsafe extern "C" fn();
-type LoadCollectivesFn = unsafe extern "C" fn(*const c_void, usize, i32, i32, u32, u32, *mut *mut NrtModel) -> NrtStatus;
+type LoadCollectivesFn =
+    unsafe extern "C" fn(*const c_void, usize, i32, i32, u32, u32, *mut *mut NrtModel) -> NrtStatus;
 type UnloadFn = unsafe extern "C" fn(*mut NrtModel) -> NrtStatus;
 type VisibleCountFn = unsafe extern "C" fn(*mut u32) -> NrtStatus;
 type AllocateSetFn = unsafe extern "C" fn(*mut *mut NrtTensorSet) -> NrtStatus;

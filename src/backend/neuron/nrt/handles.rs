@@ -147,7 +147,11 @@ impl Tensor {
     }
 
     pub fn write(&self, data: &[u8]) -> Result<()> {
-        write_raw(self.session.api, self.raw(), self.rank, data, &self.site_what())
+        if data.len() > self.bytes {
+            return Err(Error::Internal(format!("{} bytes written to {}", data.len(), self.site_what())));
+        }
+        // SAFETY: our live tensor, and data fits in it.
+        unsafe { write_raw(self.session.api, self.raw(), self.rank, data, &self.site_what()) }
     }
 
     /// Zero-fills the tensor (a fresh KV cache): nrt_tensor_memset when the runtime has it.
@@ -174,16 +178,21 @@ impl Tensor {
 }
 
 /// `nrt_tensor_write` of all of `data` at offset 0 (callable from a rank worker with a raw handle).
-pub fn write_raw(api: &ffi::Api, raw: *mut NrtTensor, rank: usize, data: &[u8], what: &str) -> Result<()> {
-    // SAFETY: the caller passes a live tensor of at least data.len() bytes.
+///
+/// # Safety
+/// `raw` is a live tensor of at least `data.len()` bytes.
+pub unsafe fn write_raw(api: &ffi::Api, raw: *mut NrtTensor, rank: usize, data: &[u8], what: &str) -> Result<()> {
     let code = unsafe { (api.tensor_write)(raw, data.as_ptr() as *const c_void, 0, data.len()) };
     status::check(code, &Site { call: "nrt_tensor_write", rank, what })
 }
 
 /// `nrt_tensor_read` of `bytes` bytes from offset 0.
-pub fn read_raw(api: &ffi::Api, raw: *mut NrtTensor, rank: usize, bytes: usize, what: &str) -> Result<Vec<u8>> {
+///
+/// # Safety
+/// `raw` is a live tensor of at least `bytes` bytes.
+pub unsafe fn read_raw(api: &ffi::Api, raw: *mut NrtTensor, rank: usize, bytes: usize, what: &str) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; bytes];
-    // SAFETY: the caller passes a live tensor of at least `bytes` bytes; buf has room for them.
+    // SAFETY: per the contract; buf has room for `bytes`.
     let code = unsafe { (api.tensor_read)(raw, buf.as_mut_ptr() as *mut c_void, 0, bytes) };
     status::check(code, &Site { call: "nrt_tensor_read", rank, what })?;
     Ok(buf)

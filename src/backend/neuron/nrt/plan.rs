@@ -79,7 +79,10 @@ pub fn check_aliases(graph: &GraphEntry, manifest_path: &Path) -> Result<()> {
         let input = graph.inputs.iter().find(|i| &i.spec.name == target).ok_or_else(|| {
             Error::bad_file(
                 manifest_path,
-                format!("output {} of graph {} aliases {target:?}, which is not an input of it", out.spec.name, graph.name),
+                format!(
+                    "output {} of graph {} aliases {target:?}, which is not an input of it",
+                    out.spec.name, graph.name
+                ),
             )
         })?;
         if input.role == Role::Step || input.spec.byte_len() != out.spec.byte_len() {
@@ -127,8 +130,16 @@ mod tests {
                 GraphInput { spec: spec("ids", &[1], ElemType::Int32), role: Role::Step, neff_name: "ids".into() },
             ],
             outputs: vec![
-                GraphOutput { spec: spec("logits", &[1, 4], ElemType::Float32), aliases: None, neff_name: "logits".into() },
-                GraphOutput { spec: spec("kc", &[8, 2], ElemType::Bfloat16), aliases: Some("kc".into()), neff_name: "kc".into() },
+                GraphOutput {
+                    spec: spec("logits", &[1, 4], ElemType::Float32),
+                    aliases: None,
+                    neff_name: "logits".into(),
+                },
+                GraphOutput {
+                    spec: spec("kc", &[8, 2], ElemType::Bfloat16),
+                    aliases: Some("kc".into()),
+                    neff_name: "kc".into(),
+                },
             ],
             neff: Some("tkg_b1_n8.neff".into()),
         }

@@ -73,11 +73,12 @@ impl Session {
         };
         // SAFETY: empty C strings for the framework versions, as the runtime's guide does.
         let code = unsafe { (api.init)(NRT_FRAMEWORK_TYPE_NO_FW, c"".as_ptr(), c"".as_ptr()) };
-        status::check(code, &Site { call: "nrt_init", rank: 0, what: "starting the Neuron runtime" })
-            .map_err(|e| match e {
+        status::check(code, &Site { call: "nrt_init", rank: 0, what: "starting the Neuron runtime" }).map_err(|e| {
+            match e {
                 Error::Backend(m) => Error::BackendUnavailable(format!("the Neuron runtime did not start: {m}")),
                 other => other,
-            })?;
+            }
+        })?;
         g.sessions = 1;
         g.cores = cores;
         Ok(Arc::new(Session { api }))

@@ -157,3 +157,57 @@ impl Workers {
         idle
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(ms: u64, out: u8) -> Job {
+        Box::new(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(vec![vec![out]])
+        })
+    }
+
+    #[test]
+    fn all_ranks_answer_in_rank_order() {
+        let mut w = Workers::spawn(2).unwrap();
+        match w.run(vec![job(20, 0), job(0, 1)], Instant::now() + Duration::from_secs(5)).unwrap() {
+            Outcome::Done(r) => {
+                let r: Vec<_> = r.into_iter().map(|x| x.ok().unwrap()).collect();
+                assert_eq!(r, vec![vec![vec![0]], vec![vec![1]]]);
+            }
+            Outcome::Late(l) => panic!("late {l:?}"),
+        }
+        assert!(w.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_late_rank_is_reported_then_waited_for_and_its_stale_result_dropped() {
+        let mut w = Workers::spawn(2).unwrap();
+        let out = w.run(vec![job(0, 0), job(300, 1)], Instant::now() + Duration::from_millis(50)).unwrap();
+        assert!(matches!(out, Outcome::Late(ref l) if l == &[1]));
+        // Still busy a moment later, back within a longer wait.
+        assert_eq!(w.settle(Instant::now() + Duration::from_millis(10)), vec![1]);
+        assert!(w.settle(Instant::now() + Duration::from_secs(5)).is_empty());
+        match w.run(vec![job(0, 2), job(0, 3)], Instant::now() + Duration::from_secs(5)).unwrap() {
+            Outcome::Done(r) => assert_eq!(r[1].as_ref().ok().unwrap(), &vec![vec![3]]),
+            Outcome::Late(l) => panic!("late {l:?}"),
+        }
+        assert!(w.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_panicking_job_is_an_internal_error_and_the_rank_survives() {
+        let mut w = Workers::spawn(1).unwrap();
+        let boom: Job = Box::new(|| panic!("boom"));
+        match w.run(vec![boom], Instant::now() + Duration::from_secs(5)).unwrap() {
+            Outcome::Done(mut r) => match r.remove(0) {
+                Err(f) => assert!(f.error.to_string().contains("boom")),
+                Ok(_) => panic!("no error"),
+            },
+            Outcome::Late(_) => panic!("late"),
+        }
+        assert!(matches!(w.run(vec![job(0, 9)], Instant::now() + Duration::from_secs(5)).unwrap(), Outcome::Done(_)));
+    }
+}
