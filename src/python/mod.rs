@@ -4,6 +4,7 @@ pub mod engine;
 pub mod errors;
 pub mod gguf;
 pub mod neuron;
+pub mod neuron_nrt;
 pub mod processing;
 pub mod request;
 pub mod tokenizer;
@@ -24,5 +25,6 @@ fn _kvgen(m: &Bound<'_, PyModule>) -> PyResult<()> {
     processing::register(m)?;
     gguf::register(m)?;
     neuron::register(m)?;
+    neuron_nrt::register(m)?;
     Ok(())
 }

@@ -8,5 +8,6 @@ pub mod executor;
 pub mod export;
 pub mod hlo;
 pub mod manifest;
+pub mod nrt;
 pub mod record;
 pub mod xla_cpu;
