@@ -442,3 +442,54 @@ def test_the_double_catches_broken_contracts(double_path, tmp_path):
     found = "\n".join(violations(log))
     for what in ("before nrt_init", "vnc=5 outside", "is not bound", "must alias", "nrt_close while"):
         assert what in found, found
+
+
+# ---- the whole device="neuron" path on the double: export -> (fake) compile -> generate ----
+
+def fake_compile(export_dir: Path) -> None:
+    """What `kvgen.neuron.compile` leaves behind, with the double's JSON "NEFFs" listing each
+    graph's tensors by the names and sizes neuronx-cc would give them."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for g in manifest["graphs"]:
+        tensors = [{"name": t["neff_name"], "usage": "input", "size": nbytes(t), "dtype": 10, "shape": t["shape"]} for t in g["inputs"]]
+        tensors += [{"name": t["neff_name"], "usage": "output", "size": nbytes(t), "dtype": 10, "shape": t["shape"]} for t in g["outputs"]]
+        (export_dir / f"{g['name']}.neff").write_text(json.dumps({"tensors": tensors}))
+        g["neff"] = f"{g['name']}.neff"
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_generator_on_the_double_keeps_every_contract(double, model_dir, tmp_path, monkeypatch):
+    """from_pretrained(device="neuron", tp_degree=2, neuron_dir=...) with libnrt = the double:
+    weights and tables uploaded once per rank, caches zeroed once, one NEFF per graph per rank
+    loaded concurrently, every step's graphs executed by both ranks together with the caches
+    bound in both sets, no contract broken. (The double computes nothing: its logits are zeros,
+    so greedy picks token 0.) A stalled rank times its peer out, and the generator stays usable."""
+    import gc
+
+    import numpy as np
+
+    out = tmp_path / "export"
+    model = str(model_dir("llama"))
+    kvgen.neuron.export(model, out, tp_degree=2, batch_sizes=(1, 2), buckets=(8,), max_context=16, dtype="bfloat16")
+    fake_compile(out)
+    # Rank 1's first execute stalls past kvgen's deadline.
+    monkeypatch.setenv("KVGEN_NEURON_EXEC_TIMEOUT", "1.5")
+    monkeypatch.setenv("NRT_DOUBLE_STALL_RANK", "1")
+    monkeypatch.setenv("NRT_DOUBLE_STALL_MS", "2200")  # back within the retry's bounded wait
+    gen = kvgen.Generator.from_pretrained(model, device="neuron", tp_degree=2, neuron_dir=str(out))
+    # The scheduler retries a failed step's requests one by one, so the call still succeeds.
+    first = gen.generate(np.array([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    assert np.asarray(first).shape == (1, 5)
+    assert any("NRT_TIMEOUT" in line for line in log_lines(double)), "rank 0 timed out waiting for rank 1"
+    stalled = len([line for line in log_lines(double) if line.startswith("nrt_execute") and "aliased=" in line])
+    got = gen.generate(np.array([[1, 5, 9, 22, 7, 31, 40, 2, 17, 3]]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert np.asarray(got)[0, -4:].tolist() == [0, 0, 0, 0]
+    lines = log_lines(double)
+    assert violations(double) == []
+    executes = [line for line in lines if line.startswith("nrt_execute") and "aliased=" in line]
+    assert len(executes) - stalled == 2 * 4, executes  # 1 context encoding + 3 token generations, 2 ranks each
+    loads = [line for line in lines if line.startswith("nrt_load_collectives size=")]
+    assert len(loads) == 2 * 6, loads  # cte n8/n16 + tkg b1/b2 x n8/n16, on 2 ranks
+    del gen
+    gc.collect()
+    assert violations(double) == []

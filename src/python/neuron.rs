@@ -39,6 +39,7 @@ fn _hlo_selfcheck_graph(py: Python<'_>, n: i64, k: i64, m: i64, rows: i64) -> Py
 /// records the graph set and writes it with manifest.json; returns the manifest's path.
 #[pyfunction]
 #[pyo3(signature = (model, out_dir, tp_degree, batch_sizes, buckets, max_context, dtype))]
+#[allow(clippy::too_many_arguments)]
 fn _neuron_export(
     py: Python<'_>,
     model: String,

@@ -241,7 +241,7 @@ fn check_files(dir: &std::path::Path, m: &Manifest) -> Result<()> {
 fn make_executor(opts: &NeuronOptions, ranks: usize) -> Result<Box<dyn Executor>> {
     match opts.executor {
         ExecutorKind::XlaCpu => Ok(Box::new(super::xla_cpu::XlaCpuExecutor::start(&opts.xla_worker, ranks)?)),
-        ExecutorKind::Nrt => Err(Error::BackendUnavailable(format!("libnrt: not yet ({ranks} ranks)"))),
+        ExecutorKind::Nrt => Ok(Box::new(super::nrt::NrtExecutor::open(ranks)?)),
     }
 }
 

@@ -401,14 +401,14 @@ impl GraphOps<'_> {
         b.reshape(out, &[bt * t, nh * hd])
     }
 
-    fn to_cache(&mut self, x: Node) -> Node {
+    fn store_as_cache(&mut self, x: Node) -> Node {
         match self.set.dtype {
             ElemType::Float32 => x,
             d => self.b.convert(x, elem(d)),
         }
     }
 
-    fn from_cache(&mut self, x: Node) -> Node {
+    fn as_f32(&mut self, x: Node) -> Node {
         if self.b.shape(x).ty == PrimitiveType::F32 {
             x
         } else {
@@ -441,7 +441,7 @@ impl Ops for GraphOps<'_> {
 
     fn embed(&mut self, table: &usize) -> Result<Node> {
         let rows = self.b.gather_rows(self.params[*table], self.step.tokens)?;
-        Ok(self.from_cache(rows))
+        Ok(self.as_f32(rows))
     }
 
     fn rotary(&mut self, index: usize, _rope: &Rope) -> Result<(Node, Node)> {
@@ -526,7 +526,7 @@ impl Ops for GraphOps<'_> {
                 Phase::ContextEncoding => {
                     // The prompt's keys/values into its slot's row; it attends to them directly.
                     let new4 = self.b.reshape(new, &[1, t, nkv, hd])?;
-                    let stored = self.to_cache(new4);
+                    let stored = self.store_as_cache(new4);
                     let slot = self.step.slot.ok_or_else(|| Error::Internal("context encoding without a slot".into()))?;
                     attend_kv.push(new4);
                     self.b.dynamic_update_slice(cache, stored, &[slot, zero, zero, zero])?
@@ -538,14 +538,14 @@ impl Ops for GraphOps<'_> {
                     for r in 0..bt {
                         let row = self.b.slice(new, &[r, 0], &[r + 1, nkv * hd])?;
                         let row = self.b.reshape(row, &[1, 1, nkv, hd])?;
-                        let row = self.to_cache(row);
+                        let row = self.store_as_cache(row);
                         let pos = self.b.slice(self.step.positions, &[r], &[r + 1])?;
                         let pos = self.b.reshape(pos, &[])?;
                         let rn = self.b.constant_s32(r as i32);
                         c = self.b.dynamic_update_slice(c, row, &[rn, pos, zero, zero])?;
                     }
                     let window = self.b.slice(c, &[0, 0, 0, 0], &[bt, keys, nkv, hd])?;
-                    let window = self.from_cache(window);
+                    let window = self.as_f32(window);
                     attend_kv.push(window);
                     c
                 }

@@ -34,7 +34,7 @@ impl XlaCpuExecutor {
         let flags = std::env::var("XLA_FLAGS").unwrap_or_default();
         let mut child = Command::new(prog)
             .args(args)
-            .env("XLA_FLAGS", format!("{flags} --xla_force_host_platform_device_count={ranks}").trim().to_string())
+            .env("XLA_FLAGS", format!("{flags} --xla_force_host_platform_device_count={ranks}").trim())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
