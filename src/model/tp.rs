@@ -76,6 +76,15 @@ impl TpPlan {
     /// Every rank's weights. One rank takes the checkpoint as it is; more ranks take row windows
     /// (no copy) and column copies of it.
     pub fn shard(&self, cfg: &ModelConfig, w: LlamaWeights) -> Result<Vec<HostWeights>> {
+        self.shard_ranks(cfg, w, 0..self.ranks())
+    }
+
+    /// The weights of the ranks in `which` only (an exporter that records rank 0's graphs needs
+    /// no other rank's copies).
+    pub fn shard_ranks(&self, cfg: &ModelConfig, w: LlamaWeights, which: Range<usize>) -> Result<Vec<HostWeights>> {
+        if which.start >= which.end || which.end > self.ranks() {
+            return Err(Error::Internal(format!("ranks {which:?} of {}", self.ranks())));
+        }
         if self.ranks() == 1 {
             let head = match w.lm_head {
                 Some(m) => HostHead::Own(HostLinear::one(m, None)),
@@ -86,8 +95,8 @@ impl TpPlan {
         }
         let embed = w.embed.into_shared();
         let lm_head = w.lm_head.map(Matrix::into_shared);
-        let mut ranks: Vec<HostWeights> = Vec::with_capacity(self.ranks());
-        for s in &self.shapes {
+        let mut ranks: Vec<HostWeights> = Vec::with_capacity(which.len());
+        for s in &self.shapes[which.clone()] {
             let head = match &lm_head {
                 Some(m) => HostHead::Own(HostLinear::one(rows(m, s.vocab.clone())?, None)),
                 None => HostHead::Tied(s.vocab.clone()),
@@ -101,7 +110,7 @@ impl TpPlan {
         }
         for l in w.layers {
             let l = shared_layer(l);
-            for (r, out) in ranks.iter_mut().enumerate() {
+            for (r, out) in which.clone().zip(ranks.iter_mut()) {
                 out.layers.push(self.layer_shard(cfg, &l, r)?);
             }
         }

@@ -135,10 +135,9 @@ impl NeuronBackend {
             None => manifest,
         };
         let mut exec = make_executor(opts, set.tp_degree)?;
-        upload(exec.as_mut(), &ranks)?;
         let weight_bytes_per_rank = manifest.memory_per_rank.weights as usize;
         let cache_bytes_per_position = ranks[0].model.cache_bytes_per_position(plan.shape.dtype.size());
-        drop(ranks);
+        upload(exec.as_mut(), ranks)?;
         exec.load(&manifest, &dir)?;
         let slots = (0..plan.shape.max_batch).map(|_| None).collect();
         Ok(NeuronBackend {
@@ -245,11 +244,13 @@ fn make_executor(opts: &NeuronOptions, ranks: usize) -> Result<Box<dyn Executor>
     }
 }
 
-/// Each rank's weights and tables once, and its zeroed caches.
-fn upload(exec: &mut dyn Executor, ranks: &[RankTensors]) -> Result<()> {
-    for (r, rank) in ranks.iter().enumerate() {
-        for (t, v) in rank.tensors.iter().zip(&rank.values) {
-            exec.put(r, &t.spec, v.as_deref())?;
+/// Each rank's weights and tables once, and its zeroed caches; each tensor's bytes exist only
+/// while it is uploaded.
+fn upload(exec: &mut dyn Executor, ranks: Vec<RankTensors>) -> Result<()> {
+    for (r, rank) in ranks.into_iter().enumerate() {
+        for (t, v) in rank.tensors.iter().zip(rank.values) {
+            let bytes = v.map(|v| v.into_bytes()).transpose()?;
+            exec.put(r, &t.spec, bytes.as_deref())?;
         }
     }
     Ok(())

@@ -183,8 +183,7 @@ pub fn write_set(out_dir: &Path, manifest: &Manifest, modules: &[Vec<u8>]) -> Re
 pub fn export(cfg: &ModelConfig, weights: LlamaWeights, out_dir: &Path, opts: &SetOptions) -> Result<PathBuf> {
     let tp = TpPlan::new(cfg, opts.tp_degree)?;
     let plan = plan_set(cfg, opts)?;
-    let mut shards = tp.shard(cfg, weights)?;
-    shards.truncate(1);
+    let mut shards = tp.shard_ranks(cfg, weights, 0..1)?;
     let rank0 = shards.pop().ok_or_else(|| Error::Internal("no rank 0".into()))?;
     let tensors = rank_tensors(cfg, &tp.shapes[0], rank0, &plan.shape, false)?;
     let (manifest, modules) = build_set(cfg, &tensors, &plan)?;
@@ -241,16 +240,16 @@ mod tests {
     #[test]
     fn every_rank_binds_the_same_named_tensors_with_their_shard_rules() {
         // 10 vocabulary rows over 4 ranks: 3 each, the last rank's 1 padded with 2 zero rows.
-        let (ranks, _, _) = set_of(4, true);
-        let t = &ranks[3].tensors;
+        let (mut ranks, _, _) = set_of(4, true);
+        let t = ranks[3].tensors.clone();
         let find = |n: &str| t.iter().position(|x| x.spec.name == n).unwrap();
         let head = find("lm_head.weight");
         assert_eq!((t[head].spec.shape.clone(), t[head].shard), (vec![3, 16], ShardRule::Vocab));
-        let v = ranks[3].values[head].as_ref().unwrap();
+        let v = ranks[3].values[head].take().unwrap().into_bytes().unwrap();
         assert_eq!(v.len(), 3 * 16 * 4);
         assert!(v[16 * 4..].iter().all(|&b| b == 0), "padding rows are zeros");
         assert_eq!(t[find("layers.0.o_proj.bias")].shard, ShardRule::RankZero);
-        let ob = ranks[1].values[find("layers.0.o_proj.bias")].as_ref().unwrap();
+        let ob = ranks[1].values[find("layers.0.o_proj.bias")].take().unwrap().into_bytes().unwrap();
         assert!(ob.iter().all(|&b| b == 0), "a row-parallel bias counts on rank 0 only");
         assert_eq!(t[find("layers.0.q_proj.weight")].shard, ShardRule::Column);
         assert_eq!(t[find("layers.0.down_proj.weight")].shard, ShardRule::Row);

@@ -62,12 +62,29 @@ impl GraphKey {
     }
 }
 
-/// A rank's persistent tensors (specs; with their bytes when collected) and its model over them.
+/// A rank's persistent tensors (specs; with their values when collected) and its model over them.
 pub struct RankTensors {
     pub tensors: Vec<PersistentTensor>,
-    /// The bytes of each tensor (None for caches, zero-filled on the device), when collected.
-    pub values: Vec<Option<Vec<u8>>>,
+    /// The value of each tensor (None for caches, zero-filled on the device), when collected.
+    pub values: Vec<Option<TensorValue>>,
     pub model: LlamaModel<NamedKinds>,
+}
+
+/// A tensor's value, turned into bytes only when it is uploaded (one tensor at a time: the
+/// host never holds a second full copy of the weights, and mapped bf16 checkpoints stay mapped).
+pub enum TensorValue {
+    Bytes(Vec<u8>),
+    /// A matrix in the graph's dtype, with zero rows appended.
+    Matrix { m: Matrix, dtype: ElemType, pad_rows: usize },
+}
+
+impl TensorValue {
+    pub fn into_bytes(self) -> Result<Vec<u8>> {
+        match self {
+            TensorValue::Bytes(b) => Ok(b),
+            TensorValue::Matrix { m, dtype, pad_rows } => matrix_bytes(m, dtype, pad_rows),
+        }
+    }
 }
 
 fn elem(dtype: ElemType) -> PrimitiveType {
@@ -111,8 +128,8 @@ struct SpecBuilder<'a> {
 }
 
 impl SpecBuilder<'_> {
-    fn push(&mut self, name: String, shape: Vec<i64>, dtype: ElemType, shard: ShardRule, value: impl FnOnce() -> Result<Vec<u8>>) -> Result<usize> {
-        let v = if self.keep { Some(value()?) } else { None };
+    fn push(&mut self, name: String, shape: Vec<i64>, dtype: ElemType, shard: ShardRule, value: impl FnOnce() -> TensorValue) -> Result<usize> {
+        let v = self.keep.then(value);
         self.out.tensors.push(PersistentTensor { spec: TensorSpec { name, shape, dtype }, role: Role::Weight, shard });
         self.out.values.push(v);
         Ok(self.out.tensors.len() - 1)
@@ -120,13 +137,13 @@ impl SpecBuilder<'_> {
 
     fn vector(&mut self, name: String, v: Vec<f32>, shard: ShardRule) -> Result<usize> {
         let n = v.len() as i64;
-        self.push(name, vec![n], ElemType::Float32, shard, || Ok(f32_bytes(&v)))
+        self.push(name, vec![n], ElemType::Float32, shard, || TensorValue::Bytes(f32_bytes(&v)))
     }
 
     fn matrix(&mut self, name: String, m: Matrix, shard: ShardRule, pad_rows: usize) -> Result<usize> {
         let shape = vec![(m.rows + pad_rows) as i64, m.cols as i64];
         let dtype = self.dtype;
-        self.push(name, shape, dtype, shard, || matrix_bytes(m, dtype, pad_rows))
+        self.push(name, shape, dtype, shard, || TensorValue::Matrix { m, dtype, pad_rows })
     }
 }
 
@@ -205,7 +222,7 @@ pub fn rank_tensors(cfg: &ModelConfig, shape: &RankShape, w: HostWeights, set: &
             role: Role::Table,
             shard: ShardRule::Replicated,
         });
-        out.values.push(keep.then(|| f32_bytes(&v)));
+        out.values.push(keep.then(|| TensorValue::Bytes(f32_bytes(&v))));
     }
     for layer in 0..cfg.num_hidden_layers {
         for kv in ["k", "v"] {
