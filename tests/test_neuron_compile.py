@@ -33,6 +33,7 @@ FAKE_CC = textwrap.dedent("""\
     if os.environ.get("FAKE_CC_FAIL"):
         for i in range(60):
             print(f"noise line {{i}}")
+        sys.stdout.flush()  # a pipe buffers stdout: keep the error after the noise, as a compiler logs
         print("ERROR 000: [EVRF001] fake compiler rejected the graph", file=sys.stderr)
         out = sys.argv[sys.argv.index("--output") + 1]
         open(out, "wb").write(b"half a neff")  # a partial output must not reach the cache

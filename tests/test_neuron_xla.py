@@ -43,7 +43,12 @@ KINDS = [k for k in ALL_KINDS if k != "llama_dynamic_rope"]  # refused: see test
 # graphs, and 24 new tokens take the 12-token prompt from the 16- into the 32- and 64-position
 # token-generation graphs.
 SET = dict(buckets=(8, 16, 32, 64), max_context=64, batch_sizes=(1, 4))
-BF16_ATOL = 0.1  # bf16 weights and caches, f32 arithmetic: measured max |diff| ~0.03 at logit scale ~10
+# bf16 graphs: weights and caches in bf16, arithmetic in f32. Against the CPU backend with the same
+# bf16 weights (f32 arithmetic) and against transformers in f32 (measured: see the test).
+# Measured on these fixtures (logit scale ~7-10): <= 1e-3 / <= 0.17 / <= 0.045.
+BF16_ATOL = 1e-3
+BF16_CACHE_ATOL = 0.25
+BF16_VS_F32 = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +68,13 @@ def neuron_gen(kvgen, tp_dir):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_left_padded_batch_matches_transformers(kind, hf_tok, tp_hf, neuron_gen):
-    _greedy_vs_hf(neuron_gen(kind), tp_hf(kind), hf_tok, kind, f"{kind} neuron xla-cpu tp2")
+def test_greedy_left_padded_batch_matches_transformers_and_the_cpu_backend(kind, kvgen, hf_tok, tp_hf, tp_dir, neuron_gen):
+    gen = neuron_gen(kind)
+    _greedy_vs_hf(gen, tp_hf(kind), hf_tok, kind, f"{kind} neuron xla-cpu tp2")
+    enc = _left_padded(hf_tok, PROMPTS)
+    kw = dict(attention_mask=enc["attention_mask"], max_new_tokens=24, do_sample=False)
+    cpu = kvgen.Generator.from_pretrained(str(tp_dir(kind)))
+    assert torch.equal(to_torch(gen.generate(enc["input_ids"], **kw)), to_torch(cpu.generate(enc["input_ids"], **kw)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -137,17 +147,28 @@ def test_replicated_kv_head_caches_are_bit_identical_across_ranks(neuron_gen):
         assert any(a), "the cache was written"
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
-def test_bf16_graphs_within_tolerance(kind, hf_tok, tp_hf, neuron_gen):
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_graphs_within_tolerance(kind, kvgen, hf_tok, tp_hf, tp_dir, neuron_gen):
     """bfloat16 graphs (weights and caches in bf16, arithmetic in f32): every graph compiles on
-    XLA, and the prefill logits are within BF16_ATOL of transformers' f32 ones."""
+    XLA; the prefill logits are within BF16_ATOL of the native CPU backend's with the same
+    bf16-rounded weights (the prompt attends to its fresh f32 keys), the next step's within
+    BF16_CACHE_ATOL (it reads keys/values stored in bf16; the CPU backend keeps f32 caches), the
+    tokens equal, and the prefill logits within BF16_VS_F32 of transformers' f32 ones (relative to
+    the logit scale: the weights' rounding)."""
     gen = neuron_gen(kind, "bfloat16")
+    cpu = kvgen.Generator.from_pretrained(str(tp_dir(kind)), dtype="bfloat16")
     enc = hf_tok(PROMPTS[3], return_tensors="pt")
+    kw = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    ours, theirs = gen.generate(enc["input_ids"], **kw), cpu.generate(enc["input_ids"], **kw)
+    assert torch.equal(to_torch(ours.sequences), to_torch(theirs.sequences)), kind
+    for step, tol in enumerate((BF16_ATOL, BF16_CACHE_ATOL)):
+        a, b = to_torch(ours.logits[step]).float(), to_torch(theirs.logits[step]).float()
+        diff = (a - b).abs().max().item()
+        assert diff <= tol, f"{kind} bf16 step {step}: max |diff| {diff:.3g} vs the CPU backend in bf16"
     ref = tp_hf(kind)(**enc).logits[0, -1].detach()
-    out = gen.generate(enc["input_ids"], max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    got = to_torch(out.logits[0])[0].float()
-    diff = (got - ref).abs().max().item()
-    assert 0 < diff <= BF16_ATOL, f"{kind} bf16: max |diff| {diff:.3g} (logit scale {ref.abs().max().item():.3g})"
+    got = to_torch(ours.logits[0])[0].float()
+    rel = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert rel <= BF16_VS_F32, f"{kind} bf16: max |diff| {rel:.3g} of the logit scale vs transformers f32"
 
 
 def test_export_manifest_matches_the_graph_bytes(kvgen, tp_dir, tmp_path):
