@@ -16,7 +16,7 @@ from ._progress import load_progress
 from .config import ModelConfig
 from .errors import InvalidInputError
 from .generation_config import GLOBAL_DEFAULTS, GenerationConfig
-from .outputs import GenerateDecoderOnlyOutput
+from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .processing import processor_config_json
 from .seeding import row_seeds
 from .tokenizer import Tokenizer
@@ -191,7 +191,12 @@ class Generator:
 
     def _validate(self, cfg: GenerationConfig) -> None:
         """Checks transformers would also make (same messages), plus kvgen's stricter ones."""
-        if cfg.num_return_sequences is not None and cfg.num_return_sequences > 1 and not cfg.do_sample:
+        beams = cfg.num_beams if cfg.num_beams is not None else 1
+        if not isinstance(beams, (int, np.integer)) or isinstance(beams, bool) or beams < 1:
+            raise InvalidInputError(f"num_beams={cfg.num_beams!r} must be a positive integer")
+        if beams > 1:
+            _validate_beams(cfg, beams)
+        elif cfg.num_return_sequences is not None and cfg.num_return_sequences > 1 and not cfg.do_sample:
             raise InvalidInputError(
                 "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` "
                 f"different than 1 (got {cfg.num_return_sequences})."
@@ -199,8 +204,6 @@ class Generator:
         n = cfg.num_return_sequences
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise InvalidInputError(f"num_return_sequences={n!r} must be a positive integer")
-        if cfg.num_beams not in (None, 1):
-            raise InvalidInputError(f"num_beams={cfg.num_beams}: beam search is not supported; use num_beams=1")
         for name, neutral in _UNSUPPORTED.items():
             value = getattr(cfg, name, None)
             if value not in neutral:
@@ -234,11 +237,12 @@ class Generator:
         """transformers-compatible generate(); see the README for the accepted kinds of input.
         Safe to call from many threads at once: concurrent calls share the model's steps."""
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
+        _refuse_beam_streamer(call.cfg, streamer)
         on_step = self._start_streamer(streamer, call)
-        new_tokens, scores, logits, _ = self._engine.generate(call.ids, call.mask, **call.engine_kwargs, on_step=on_step)
+        new_tokens, scores, logits, _, beam = self._engine.generate(call.ids, call.mask, **call.engine_kwargs, on_step=on_step)
         if streamer is not None:
             streamer.end()
-        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
+        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg, beam)
 
     async def agenerate(
         self,
@@ -255,12 +259,13 @@ class Generator:
         from ._async import wait_request
 
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
+        _refuse_beam_streamer(call.cfg, streamer)
         request = self._submit_call(call, stream_steps=streamer is not None, doorbell=True)
         on_step = self._start_streamer(streamer, call)
-        new_tokens, scores, logits, _ = await wait_request(request, on_step)
+        new_tokens, scores, logits, _, beam = await wait_request(request, on_step)
         if streamer is not None:
             streamer.end()
-        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg)
+        return self._format(call.prepared, call.ids, new_tokens, scores, logits, call.cfg, beam)
 
     def _submit(
         self, inputs: Any, kwargs: dict, *, stream_steps: bool, doorbell: bool, logprobs: int | None = None
@@ -309,7 +314,9 @@ class Generator:
         ids = prepared.ids
         prompt_batch, input_len = ids.shape
         n_return = int(cfg.num_return_sequences or 1)
-        if n_return > 1:
+        beams = int(cfg.num_beams or 1)
+        # Beam search expands each prompt into its beams natively (and returns n_return rows each).
+        if n_return > 1 and beams == 1:
             # transformers' _expand_inputs_for_generation: each row repeated n times, consecutively.
             ids = np.repeat(ids, n_return, axis=0)
             if prepared.attention_mask is not None:
@@ -347,7 +354,7 @@ class Generator:
 
         cfg.min_length = min_length
         cfg.eos_token_id = eos_ids
-        seeds = row_seeds(seed, prompt_batch, n_return) if cfg.do_sample else []
+        seeds = row_seeds(seed, prompt_batch, beams if beams > 1 else n_return) if cfg.do_sample else []
         engine_kwargs = dict(
             max_new_tokens=steps,
             processor_config_json=processor_config_json(cfg, prompt_length=input_len, max_length=max_length),
@@ -358,6 +365,17 @@ class Generator:
             output_logits=bool(cfg.output_logits and cfg.return_dict_in_generate),
             seeds=seeds,
         )
+        if beams > 1:
+            # transformers' filler: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`.
+            fill = (pad_id if pad_id else eos_ids[0]) if eos_ids else -1
+            early = cfg.early_stopping
+            engine_kwargs["beam_json"] = json.dumps({
+                "num_beams": beams,
+                "length_penalty": float(cfg.length_penalty if cfg.length_penalty is not None else 1.0),
+                "early_stopping": "never" if early == "never" else ("true" if early is True else "false"),
+                "num_return_sequences": n_return,
+                "fill_value": int(fill),
+            })
         return _Call(
             prepared=prepared,
             ids=np.ascontiguousarray(ids),
@@ -444,16 +462,27 @@ class Generator:
             return torch.from_numpy(np.ascontiguousarray(array))
         return array
 
-    def _format(self, prepared, ids, new_tokens, scores, logits, cfg) -> Any:
+    def _format(self, prepared, ids, new_tokens, scores, logits, cfg, beam=None) -> Any:
         if prepared.kind in ("text", "texts"):
             if self.tokenizer is None:
                 raise InvalidInputError("text output needs a tokenizer")
             texts = self.tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
             return texts[0] if prepared.kind == "text" and len(texts) == 1 else texts
+        if beam is not None:
+            ids = np.repeat(ids, int(cfg.num_return_sequences or 1), axis=0)
         sequences = np.concatenate([ids, new_tokens.astype(np.int64)], axis=1)
         out = prepared.wrap(sequences)
         if not cfg.return_dict_in_generate:
             return out
+        if beam is not None:
+            sequences_scores, beam_indices = beam
+            return GenerateBeamDecoderOnlyOutput(
+                sequences=out,
+                sequences_scores=prepared.wrap_floats(np.asarray(sequences_scores, dtype=np.float32)) if cfg.output_scores else None,
+                scores=tuple(prepared.wrap_floats(s) for s in scores) if cfg.output_scores else None,
+                logits=tuple(prepared.wrap_floats(s) for s in logits) if cfg.output_logits else None,
+                beam_indices=prepared.wrap(np.asarray(beam_indices, dtype=np.int64)),
+            )
         return GenerateDecoderOnlyOutput(
             sequences=out,
             scores=tuple(prepared.wrap_floats(s) for s in scores) if cfg.output_scores else None,
@@ -484,3 +513,31 @@ class Generator:
 
     def __repr__(self) -> str:
         return f"Generator({self._engine.model_path!r}, arch={self.config.architectures}, dtype={self.dtype})"
+
+
+def _validate_beams(cfg: GenerationConfig, beams: int) -> None:
+    """transformers' beam-search checks, with its messages."""
+    if (getattr(cfg, "num_beam_groups", None) or 1) > 1:
+        raise InvalidInputError(
+            "Group Beam Search requires `trust_remote_code=True` in your `generate` call, since it loads "
+            "https://hf.co/transformers-community/group-beam-search. kvgen cannot load Hub code: group beam search "
+            "is not available; use num_beam_groups=1"
+        )
+    if getattr(cfg, "constraints", None) or getattr(cfg, "force_words_ids", None):
+        raise InvalidInputError(
+            "Constrained Beam Search requires `trust_remote_code=True` in your `generate` call, since it loads "
+            "https://hf.co/transformers-community/constrained-beam-search. kvgen cannot load Hub code: constrained "
+            "beam search is not available"
+        )
+    if cfg.early_stopping not in (None, True, False, "never"):
+        raise InvalidInputError(f"`early_stopping` must be a boolean or 'never', but is {cfg.early_stopping}.")
+    n = cfg.num_return_sequences or 1
+    if n > beams:
+        raise InvalidInputError(f"`num_return_sequences` ({n}) has to be smaller or equal to `num_beams` ({beams}).")
+
+
+def _refuse_beam_streamer(cfg: GenerationConfig, streamer: Any) -> None:
+    if streamer is not None and (cfg.num_beams or 1) > 1:
+        raise InvalidInputError(
+            "`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1."
+        )

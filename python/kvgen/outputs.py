@@ -42,3 +42,18 @@ class GenerateDecoderOnlyOutput:
 
     def __iter__(self):
         return iter(self._present())
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(GenerateDecoderOnlyOutput):
+    """Beam search's return_dict_in_generate=True output, in transformers' field order:
+    sequences, sequences_scores (with output_scores), scores, logits, beam_indices, ..."""
+
+    sequences_scores: Any = None
+    beam_indices: Any = None
+
+    # transformers' order, not the dataclass's (which appends a subclass's fields).
+    _ORDER = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states", "past_key_values")
+
+    def _present(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._ORDER if getattr(self, name, None) is not None}

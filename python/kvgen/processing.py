@@ -22,7 +22,6 @@ _UNSUPPORTED = {
     "guidance_scale": (None, 1, 1.0),
     "watermarking_config": (None,),
     "top_h": (None,),
-    "num_beams": (None, 1),
 }
 
 _FLOATS = ("repetition_penalty", "temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")

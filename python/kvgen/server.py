@@ -224,7 +224,7 @@ class _Job:
                     choice.done, choice.finish_reason = True, "stop"
                 if delta:
                     yield row, delta
-        _, _, _, self.logprobs = self.request.result()  # raises the generation's error, if any
+        _, _, _, self.logprobs, _ = self.request.result()  # raises the generation's error, if any
         for row, choice in enumerate(self.choices):
             # Text held back (a possible stop-string start, a split character) is final now.
             tail = choice.assembler.finish()

@@ -44,6 +44,15 @@ pub trait Backend: Send + Sync {
     /// Returns logits (f32, vocab wide) for the last new token of each sequence, or for every new
     /// token when `all_positions`, in input order.
     fn step(&self, seqs: &[SeqInput], all_positions: bool) -> Result<Vec<f32>>;
+    /// Makes the first `positions` cached positions of slot `dst` a copy of slot `src`'s (beam
+    /// search: a beam that continues another beam's history).
+    fn copy_slot(&self, src: SlotId, dst: SlotId, positions: usize) -> Result<()> {
+        let _ = (src, dst, positions);
+        Err(crate::error::Error::invalid(
+            "beam search is not available on this backend (it cannot copy a sequence's KV cache); use num_beams=1 or \
+             device=\"cpu\"",
+        ))
+    }
     /// Sequences the backend can hold at once, when it has a fixed number of cache rows (Neuron's
     /// graphs are exported for a largest batch); the scheduler admits no more.
     fn max_sequences(&self) -> Option<usize> {

@@ -2,6 +2,7 @@
 //! (prefill, then one token per row per step: logits processing, greedy or sampled selection,
 //! stopping); `generate` drives one alone, `crate::scheduler` drives many in shared steps.
 
+pub mod beam;
 pub mod request;
 pub mod stopping;
 
@@ -32,6 +33,8 @@ pub struct GenerationParams {
     /// Report each generated token's log-probability and this many most likely alternatives
     /// (from the raw logits), computed per step; None reports none.
     pub logprobs: Option<usize>,
+    /// Beam search (num_beams > 1): the prompts are expanded into num_beams rows each here.
+    pub beam: Option<beam::BeamParams>,
 }
 
 /// One prompt row.
@@ -56,6 +59,10 @@ pub struct GenerationOutput {
     /// Per row, one entry per token it generated up to and including the one that finished it
     /// (when `logprobs` is set).
     pub logprobs: Vec<Vec<TokenLogprobs>>,
+    /// Beam search: each returned sequence's length-normalised score, and the beam row of each
+    /// of its tokens (-1 past its end).
+    pub sequences_scores: Vec<f32>,
+    pub beam_indices: Vec<Vec<i64>>,
 }
 
 /// Called after each step; the place to stream tokens and to notice Ctrl-C.
@@ -107,7 +114,7 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     let mut request = Request::new(prompts, params, decode, backend.vocab_size())?;
     request.reserve_buffers()?;
-    let slots =
+    let mut slots =
         (0..request.rows()).map(|r| SlotGuard::new(backend, request.slot_capacity(r))).collect::<Result<Vec<_>>>()?;
     while !request.is_done() {
         observer.check_interrupt()?;
@@ -120,7 +127,52 @@ pub fn generate(
             backend.step(&seqs, false)?
         };
         let tokens = request.advance(&logits)?;
+        if let Some((sources, positions)) = request.take_reorder() {
+            reorder_slots(backend, &mut slots, |s| s.slot, &sources, &positions)?;
+        }
         observer.on_step(&tokens)?;
     }
     Ok(request.into_output())
+}
+
+/// Beam search's cache reorder: row j continues row `sources[j]`'s history. A source's first
+/// claimant takes its slot as it is (a move: no copy); every further claimant gets a slot of a
+/// row nobody continues, into which the backend copies the source's `positions[j]` cached
+/// positions. So a step copies only the histories that branched, and after the prefill (every
+/// beam continues beam 0) the prompt is copied, never recomputed.
+pub fn reorder_slots<S>(
+    backend: &dyn Backend,
+    slots: &mut Vec<S>,
+    slot_id: impl Fn(&S) -> crate::backend::SlotId,
+    sources: &[usize],
+    positions: &[usize],
+) -> Result<()> {
+    if sources.len() != slots.len() || positions.len() != sources.len() || sources.iter().any(|&s| s >= slots.len()) {
+        return Err(Error::Internal(format!("a reorder of {} rows over {} slots", sources.len(), slots.len())));
+    }
+    let mut old: Vec<Option<S>> = std::mem::take(slots).into_iter().map(Some).collect();
+    let mut claimed = vec![false; old.len()];
+    let mut new: Vec<Option<S>> = (0..sources.len()).map(|_| None).collect();
+    let mut copies = vec![];
+    for (j, &src) in sources.iter().enumerate() {
+        if claimed[src] {
+            copies.push(j);
+        } else {
+            claimed[src] = true;
+            new[j] = old[src].take();
+        }
+    }
+    let ids: Vec<Option<crate::backend::SlotId>> = new.iter().map(|s| s.as_ref().map(&slot_id)).collect();
+    let mut spare = old.iter_mut().filter_map(Option::take);
+    for j in copies {
+        let dst = spare.next().ok_or_else(|| Error::Internal("no spare slot for a beam".into()))?;
+        // The source's slot now belongs to its first claimant; its cache is unchanged.
+        let src_row = sources[j];
+        let owner = sources.iter().position(|&s| s == src_row).and_then(|k| ids[k]);
+        let src_slot = owner.ok_or_else(|| Error::Internal("a beam source without a slot".into()))?;
+        backend.copy_slot(src_slot, slot_id(&dst), positions[j])?;
+        new[j] = Some(dst);
+    }
+    *slots = new.into_iter().collect::<Option<Vec<S>>>().ok_or_else(|| Error::Internal("a beam row without a slot".into()))?;
+    Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::beam::{BeamSearch, Candidate};
 use super::stopping::{DecodeFn, StopStrings};
 use super::{GenerationOutput, GenerationParams, Prompt};
 use crate::error::{Error, Result};
@@ -58,11 +59,24 @@ pub struct Request {
     step_logits: Vec<f32>,
     out: GenerationOutput,
     done: bool,
+    /// Beam search state (rows are prompts x num_beams), and the cache reorder its last step asks for.
+    beam: Option<BeamSearch>,
+    reorder: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 impl Request {
     /// Validates the call and prepares its state; no backend work happens here.
     pub fn new(prompts: Vec<Prompt>, params: GenerationParams, decode: Option<Arc<DecodeFn>>, vocab: usize) -> Result<Self> {
+        let beam = match &params.beam {
+            Some(b) => Some(BeamSearch::new(b.clone(), prompts.len(), params.max_new_tokens)?),
+            None => None,
+        };
+        // Beam search: num_beams rows per prompt (only the first is prefilled; see `advance_beam`).
+        let beams = beam.as_ref().map_or(1, |b| b.params.num_beams);
+        let prompts: Vec<Prompt> = prompts
+            .into_iter()
+            .flat_map(|p| (0..beams).map(move |_| Prompt { input_ids: p.input_ids.clone(), tokens: p.tokens.clone(), ignore_prefix: p.ignore_prefix }))
+            .collect();
         let batch = prompts.len();
         if let Some((row, _)) = prompts.iter().enumerate().find(|(_, p)| p.tokens.is_empty()) {
             return Err(Error::invalid(format!(
@@ -106,7 +120,7 @@ impl Request {
             inputs: prompts.iter().map(|p| (0, p.tokens.len())).collect(),
             hf_rows: prompts.iter().map(|p| p.input_ids.clone()).collect(),
             model_tokens: prompts.into_iter().map(|p| p.tokens).collect(),
-            active: (0..batch).collect(),
+            active: (0..batch).step_by(beams).collect(),
             unfinished: vec![true; batch],
             keep_finished_rows,
             step: 0,
@@ -118,6 +132,8 @@ impl Request {
             },
             done: steps == 0 || batch == 0,
             params,
+            beam,
+            reorder: None,
         })
     }
 
@@ -180,6 +196,9 @@ impl Request {
     /// the next token of every row and applies the stop conditions. Returns one token per row
     /// (pad for finished rows), as transformers streams them.
     pub fn advance(&mut self, logits: &[f32]) -> Result<Vec<u32>> {
+        if self.beam.is_some() {
+            return self.advance_beam(logits);
+        }
         let (vocab, batch, step) = (self.vocab, self.rows(), self.step);
         if self.done || logits.len() != self.active.len() * vocab {
             return Err(Error::Internal(format!(
@@ -292,4 +311,146 @@ impl Request {
     pub fn into_output(self) -> GenerationOutput {
         self.out
     }
+
+    /// Beam search: the (source row of every row, cached positions of that source) reorder the
+    /// last step asks for; the driver applies it to the rows' cache slots before the next step.
+    pub fn take_reorder(&mut self) -> Option<(Vec<usize>, Vec<usize>)> {
+        self.reorder.take()
+    }
+
+    /// One beam-search step over all prompts (transformers `_beam_search`; scoring in `beam.rs`).
+    fn advance_beam(&mut self, logits: &[f32]) -> Result<Vec<u32>> {
+        let (vocab, rows, step) = (self.vocab, self.rows(), self.step);
+        let Some(search) = self.beam.as_mut() else { return Err(Error::Internal("not a beam request".into())) };
+        let n = search.params.num_beams;
+        if self.done || logits.len() != self.active.len() * vocab {
+            return Err(Error::Internal(format!("beam step: {} logits for {} rows", logits.len(), self.active.len())));
+        }
+        self.step_logits.resize(rows * vocab, 0.0);
+        // Raw f32 logits of every row (the prefill ran beam 0 of each prompt: its beams share them).
+        for (i, &r) in self.active.iter().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let bad = sampling::count_invalid(row);
+            if bad > 0 && !self.params.processors.remove_invalid_values {
+                return Err(Error::Numerical(format!(
+                    "step {step}, row {r}: the model produced {bad} NaN/+Inf logits out of {vocab}; try dtype=\"float32\" \
+                     or remove_invalid_values=True"
+                )));
+            }
+            let copies = if self.active.len() == rows { 1 } else { n };
+            for b in 0..copies {
+                self.step_logits[(r + b) * vocab..(r + b + 1) * vocab].copy_from_slice(row);
+            }
+        }
+        if self.params.output_logits {
+            self.out.logits.push(copy_of(&self.step_logits)?);
+        }
+        // log_softmax first, then the processors: they see log-probabilities.
+        let (processors, hf_rows, ignore_prefix) = (&self.processors, &self.hf_rows, &self.ignore_prefix);
+        self.step_logits.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
+            sampling::log_softmax_in_place(row);
+            let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: ignore_prefix[r] };
+            sampling::processors::apply(processors, &ctx, row);
+        });
+        if self.params.output_scores {
+            self.out.scores.push(copy_of(&self.step_logits)?);
+        }
+        let eos = &self.params.eos_token_ids;
+        let k = search.candidates_per_prompt(eos.len());
+        let last_step = step + 1 >= self.params.max_new_tokens;
+        let mut sources = Vec::with_capacity(rows);
+        let mut all_stopped = true;
+        for p in 0..rows / n {
+            let block = &self.step_logits[p * n * vocab..(p + 1) * n * vocab];
+            let cands: Vec<Candidate> = match self.rngs[p * n].as_mut() {
+                Some(rng) => sample_candidates(search, p, block, vocab, k, rng, step)?,
+                None => search.top_candidates(p, block, vocab, k),
+            };
+            let mut stopped = Vec::with_capacity(cands.len());
+            for c in &cands {
+                let mut hit = last_step || eos.contains(&c.token);
+                if !hit {
+                    if let Some(s) = &self.stop {
+                        let mut t = self.model_tokens[p * n + c.beam].clone();
+                        t.push(c.token);
+                        hit = s.is_stopped(&t)?;
+                    }
+                }
+                stopped.push(hit);
+            }
+            all_stopped &= stopped.iter().all(|&x| x);
+            sources.extend(search.update(p, &cands, &stopped).into_iter().map(|b| p * n + b));
+        }
+        search.finish_step(all_stopped);
+        // Every row now continues its source's history with its new token.
+        let mut next = Vec::with_capacity(rows);
+        let (old_model, old_hf) = (std::mem::take(&mut self.model_tokens), std::mem::take(&mut self.hf_rows));
+        // Rows of different prompts hold different prompt lengths (padding is not cached).
+        let cached: Vec<usize> = sources.iter().map(|&src| old_model[src].len()).collect();
+        for (j, &src) in sources.iter().enumerate() {
+            let token = *search.prompts[j / n].running_tokens[j % n].last().ok_or_else(|| Error::Internal("empty beam".into()))?;
+            let (mut m, mut h) = (old_model[src].clone(), old_hf[src].clone());
+            m.push(token);
+            h.push(token);
+            self.model_tokens.push(m);
+            self.hf_rows.push(h);
+            next.push(token);
+        }
+        self.reorder = Some((sources, cached));
+        self.step += 1;
+        self.active = (0..rows).collect();
+        for r in 0..rows {
+            let len = self.model_tokens[r].len();
+            self.inputs[r] = (len - 1, len);
+        }
+        if search.done {
+            self.done = true;
+            self.reorder = None;
+            self.finish_beams();
+        }
+        Ok(next)
+    }
+
+    /// The best `num_return_sequences` hypotheses of every prompt, as the output rows.
+    fn finish_beams(&mut self) {
+        let Some(search) = self.beam.as_ref() else { return };
+        let nrs = search.params.num_return_sequences;
+        let fill = u32::try_from(search.params.fill_value).unwrap_or(u32::MAX);
+        let picked: Vec<&super::beam::Finished> = search.prompts.iter().flat_map(|p| p.pool.iter().take(nrs)).collect();
+        let longest = picked.iter().map(|f| f.beam_indices.len()).max().unwrap_or(0);
+        self.out.tokens = picked
+            .iter()
+            .map(|f| {
+                let mut t = f.tokens.clone();
+                t.resize(longest, fill);
+                t
+            })
+            .collect();
+        self.out.sequences_scores = picked.iter().map(|f| f.score).collect();
+        self.out.beam_indices = picked
+            .iter()
+            .map(|f| {
+                let mut b = f.beam_indices.clone();
+                b.resize(longest, -1);
+                b
+            })
+            .collect();
+    }
+}
+
+/// Beam sampling: K continuations drawn without replacement from softmax of the accumulated
+/// scores (prompt `p`'s own random stream), then sorted by score, best first.
+fn sample_candidates(search: &BeamSearch, p: usize, block: &[f32], vocab: usize, k: usize, rng: &mut RowRng, step: usize) -> Result<Vec<Candidate>> {
+    let mut acc = search.accumulated(p, block, vocab);
+    let scores = acc.clone();
+    let mut picked = Vec::with_capacity(k);
+    for _ in 0..k.min(acc.len()) {
+        let i = sample::sample(&acc, rng, step, p)?;
+        picked.push(i);
+        acc[i] = f32::NEG_INFINITY;
+    }
+    let mut cands: Vec<Candidate> =
+        picked.into_iter().map(|i| Candidate { beam: i / vocab, token: (i % vocab) as u32, score: scores[i] }).collect();
+    cands.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Ok(cands)
 }

@@ -100,6 +100,7 @@ impl PyEngine {
         (output_scores, output_logits): (bool, bool),
         seeds: Vec<(u64, u64)>,
         logprobs: Option<usize>,
+        beam_json: Option<&str>,
     ) -> PyResult<(Request, usize)> {
         let vocab = self.inner.config.vocab_size;
         let (prompts, _) = prompts_from(input_ids, attention_mask, vocab)?;
@@ -126,6 +127,9 @@ impl PyEngine {
             output_logits,
             seeds,
             logprobs,
+            beam: beam_json
+                .map(|j| serde_json::from_str(j).map_err(|e| to_py(Error::invalid(format!("invalid beam search settings: {e}")))))
+                .transpose()?,
         };
         let decode = self.inner.tokenizer.as_ref().map(|t| {
             let t = Arc::clone(t);
@@ -210,7 +214,7 @@ impl PyEngine {
     /// float32, logits list of the same). `on_step(tokens)` streams; Ctrl-C cancels.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), logprobs = None, on_step = None))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, on_step = None, beam_json = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -227,6 +231,7 @@ impl PyEngine {
         seeds: Vec<(u64, u64)>,
         logprobs: Option<usize>,
         on_step: Option<Py<PyAny>>,
+        beam_json: Option<String>,
     ) -> PyResult<GenerateResult<'py>> {
         let (request, batch) = self.request(
             &input_ids,
@@ -239,6 +244,7 @@ impl PyEngine {
             (output_scores, output_logits),
             seeds,
             logprobs,
+            beam_json.as_deref(),
         )?;
         let handle = self.scheduler()?.submit(request, on_step.is_some(), None).py()?;
         PyRequest::new(handle, batch, self.inner.config.vocab_size).wait(py, on_step)
@@ -248,7 +254,7 @@ impl PyEngine {
     /// `doorbell=` (a `Doorbell`) rings that event loop's socket when it has news.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), logprobs = None, stream_steps = false, doorbell = None))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, stream_steps = false, doorbell = None, beam_json = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit<'py>(
         &self,
@@ -265,6 +271,7 @@ impl PyEngine {
         logprobs: Option<usize>,
         stream_steps: bool,
         doorbell: Option<PyRef<'py, PyDoorbell>>,
+        beam_json: Option<String>,
     ) -> PyResult<PyRequest> {
         let (request, batch) = self.request(
             &input_ids,
@@ -277,6 +284,7 @@ impl PyEngine {
             (output_scores, output_logits),
             seeds,
             logprobs,
+            beam_json.as_deref(),
         )?;
         let bell = doorbell.map(|d| Arc::clone(&d.inner));
         let handle = self.scheduler()?.submit(request, stream_steps, bell).py()?;

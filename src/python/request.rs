@@ -16,8 +16,10 @@ use crate::scheduler::{Doorbell, Events, RequestHandle};
 /// Per row, per generated token: (token, log-probability, [(id, log-probability)] of the top ones).
 pub type RowLogprobs = Vec<Vec<(u32, f64, Vec<(u32, f64)>)>>;
 
-/// (new tokens, per-step scores, per-step raw logits) as numpy arrays, and the logprobs.
-pub type GenerateResult<'py> = (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>, RowLogprobs);
+/// (new tokens, per-step scores, per-step raw logits) as numpy arrays, the logprobs, and for beam
+/// search (sequences_scores, beam_indices).
+pub type GenerateResult<'py> =
+    (Bound<'py, PyAny>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>, RowLogprobs, Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>);
 
 /// How often a blocked waiter wakes to notice Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(20);
@@ -39,18 +41,32 @@ impl PyRequest {
     }
 
     fn to_numpy<'py>(&self, py: Python<'py>, out: GenerationOutput) -> PyResult<GenerateResult<'py>> {
-        let (batch, vocab) = (self.batch, self.vocab);
+        let vocab = self.vocab;
+        // Beam search returns num_return_sequences rows per prompt and scores num_beams rows.
+        let batch = if out.beam_indices.is_empty() { self.batch } else { out.tokens.len() };
         let steps = out.tokens.first().map_or(0, Vec::len);
-        let flat: Vec<i64> = out.tokens.iter().flat_map(|r| r.iter().map(|&t| t as i64)).collect();
+        // u32::MAX marks transformers' -1 filler (beam search without an eos id).
+        let flat: Vec<i64> = out.tokens.iter().flat_map(|r| r.iter().map(|&t| if t == u32::MAX { -1 } else { t as i64 })).collect();
         let tokens = PyArray1::from_vec(py, flat).reshape([batch, steps])?.into_any();
-        let scores = out.scores.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
-        let logits = out.logits.into_iter().map(|s| matrix(py, s, batch, vocab)).collect::<PyResult<_>>()?;
+        let rows_of = |s: &Vec<f32>| s.len() / vocab.max(1);
+        let scores = out.scores.into_iter().map(|s| { let r = rows_of(&s); matrix(py, s, r, vocab) }).collect::<PyResult<_>>()?;
+        let logits = out.logits.into_iter().map(|s| { let r = rows_of(&s); matrix(py, s, r, vocab) }).collect::<PyResult<_>>()?;
+        let beam = if out.beam_indices.is_empty() {
+            None
+        } else {
+            let width = out.beam_indices.first().map_or(0, Vec::len);
+            let idx: Vec<i64> = out.beam_indices.into_iter().flatten().collect();
+            Some((
+                PyArray1::from_vec(py, out.sequences_scores).into_any(),
+                PyArray1::from_vec(py, idx).reshape([batch, width])?.into_any(),
+            ))
+        };
         let logprobs = out
             .logprobs
             .into_iter()
             .map(|row| row.into_iter().map(|e| (e.token, e.logprob, e.top)).collect())
             .collect();
-        Ok((tokens, scores, logits, logprobs))
+        Ok((tokens, scores, logits, logprobs, beam))
     }
 
     /// Blocks (GIL released) until the end, calling `on_step(tokens)` per streamed step and

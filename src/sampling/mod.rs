@@ -41,3 +41,17 @@ mod tests {
         assert_eq!(count_invalid(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0]), 2);
     }
 }
+
+/// log_softmax over one row in place, in f32 with an f64 sum of exponentials (the most
+/// accurate value f32 can hold; torch's f32 kernel agrees to ~1 ulp). -inf entries stay -inf.
+pub fn log_softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return;
+    }
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = sum.ln() as f32;
+    for v in row.iter_mut() {
+        *v = (*v - max) - lse;
+    }
+}

@@ -504,7 +504,15 @@ impl Worker {
                 catch_panic("a panic while processing a step", || r.request.advance(&logits))
             })
             .collect();
-        for (r, outcome) in std::mem::take(&mut self.running).into_iter().zip(advanced) {
+        for (mut r, outcome) in std::mem::take(&mut self.running).into_iter().zip(advanced) {
+            // Beam search moves or copies its rows' caches between steps.
+            let outcome = outcome.and_then(|tokens| match r.request.take_reorder() {
+                Some((sources, positions)) => {
+                    crate::generation::reorder_slots(&*self.backend, &mut r.slots, |s| s.slot, &sources, &positions)
+                        .map(|()| tokens)
+                }
+                None => Ok(tokens),
+            });
             match outcome {
                 Ok(tokens) => {
                     r.answer.0.push_step(tokens);

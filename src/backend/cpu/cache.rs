@@ -67,6 +67,32 @@ impl KvCache {
     pub fn advance_to(&mut self, len: usize) {
         self.len = self.len.max(len);
     }
+
+    /// Makes the first `positions` positions of every layer those of `src` (a beam taking over
+    /// another beam's history); positions beyond are left to be overwritten.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, positions: usize) -> Result<()> {
+        let same = (self.n_kv_heads, self.head_dim, self.layer_stride / self.capacity.max(1))
+            == (src.n_kv_heads, src.head_dim, src.layer_stride / src.capacity.max(1));
+        if !same || positions > self.capacity.min(src.len) {
+            return Err(crate::error::Error::Internal(format!(
+                "cannot copy {positions} positions between caches of {} and {} positions (filled {})",
+                self.capacity, src.capacity, src.len
+            )));
+        }
+        let hd = self.head_dim;
+        let layers = self.k.len() / self.layer_stride.max(1);
+        for layer in 0..layers {
+            for head in 0..self.n_kv_heads {
+                let d = layer * self.layer_stride + head * self.capacity * hd;
+                let s = layer * src.layer_stride + head * src.capacity * hd;
+                let n = positions * hd;
+                self.k[d..d + n].copy_from_slice(&src.k[s..s + n]);
+                self.v[d..d + n].copy_from_slice(&src.v[s..s + n]);
+            }
+        }
+        self.len = positions;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

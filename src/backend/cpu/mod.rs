@@ -184,6 +184,25 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn copy_slot(&self, src: SlotId, dst: SlotId, positions: usize) -> Result<()> {
+        let mut slots = self.lock();
+        let taken = slots.get_mut(dst).map(|st| std::mem::replace(st, SlotState::InUse));
+        let result = match (taken, slots.get(src)) {
+            (Some(SlotState::Idle(mut to)), Some(SlotState::Idle(from))) if src != dst => {
+                let r = to.iter_mut().zip(from).try_for_each(|(t, f)| t.copy_prefix_from(f, positions));
+                slots[dst] = SlotState::Idle(to);
+                r
+            }
+            (taken, _) => {
+                if let Some(st) = taken {
+                    slots[dst] = st;
+                }
+                Err(crate::error::Error::Internal(format!("copy_slot {src} -> {dst}: a slot is not idle")))
+            }
+        };
+        result
+    }
+
     fn cache_bytes_per_position(&self) -> usize {
         self.rank_cache_bytes_per_position() * self.ranks.len()
     }
