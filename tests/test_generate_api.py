@@ -458,7 +458,7 @@ def test_logprobs_are_computed_per_step_from_the_raw_logits(gen):
     log-softmax of that step's raw logits, top entries in a stable sort's order."""
     kwargs = dict(max_new_tokens=6, do_sample=True, seed=3, num_return_sequences=2, return_dict_in_generate=True, output_logits=True)
     request, _ = gen._submit([[5, 6, 7]], kwargs, stream_steps=False, doorbell=False, logprobs=4)
-    tokens, _, logits, logprobs = request.wait_result()
+    tokens, _, logits, logprobs, _ = request.wait_result()
     compared = 0
     for row in range(2):
         assert 1 <= len(logprobs[row]) <= tokens.shape[1]
