@@ -2,6 +2,7 @@
 //! (prefill, then one token per row per step: logits processing, greedy or sampled selection,
 //! stopping); `generate` drives one alone, `crate::scheduler` drives many in shared steps.
 
+pub mod hooks;
 pub mod request;
 pub mod stopping;
 
@@ -32,6 +33,8 @@ pub struct GenerationParams {
     /// Report each generated token's log-probability and this many most likely alternatives
     /// (from the raw logits), computed per step; None reports none.
     pub logprobs: Option<usize>,
+    /// The caller's own processors and stopping criteria (Python callables), if any.
+    pub hooks: Option<hooks::HookSet>,
 }
 
 /// One prompt row.
