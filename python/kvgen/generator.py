@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _kvgen
+from . import _hooks, _kvgen
 from ._inputs import PreparedInputs, prepare
 from ._progress import load_progress
 from .config import ModelConfig
@@ -38,6 +38,9 @@ _UNSUPPORTED = {
     "assistant_model": (None,),
     "prompt_lookup_num_tokens": (None,),
 }
+
+# generate() arguments that are Python callables run at every step (python/kvgen/_hooks.py).
+_HOOK_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
 
 # A hard bound far above any context (the scheduler's cache budget refuses much less); it keeps
 # sizes inside the native integer range.
@@ -235,7 +238,9 @@ class Generator:
         **kwargs: Any,
     ) -> Any:
         """transformers-compatible generate(); see the README for the accepted kinds of input.
-        Safe to call from many threads at once: concurrent calls share the model's steps."""
+        Safe to call from many threads at once: concurrent calls share the model's steps.
+        `logits_processor=`, `stopping_criteria=` and `prefix_allowed_tokens_fn=` take
+        transformers' hook objects (or plain callables), merged as transformers 5.x merges them."""
         call = self._prepare_call(inputs, generation_config, attention_mask, seed, kwargs)
         _refuse_beam_streamer(call.cfg, streamer)
         on_step = self._start_streamer(streamer, call)
@@ -307,6 +312,7 @@ class Generator:
             raise InvalidInputError("generate() needs `inputs` (token ids or text)")
         if attention_mask is None:
             attention_mask = kwargs.pop("attention_mask", None)
+        hook_args = {k: kwargs.pop(k, None) for k in _HOOK_KWARGS}
         cfg, _, has_default_max_length, has_default_min_length = self._merge_config(generation_config, kwargs)
         self._validate(cfg)
 
@@ -376,6 +382,7 @@ class Generator:
                 "num_return_sequences": n_return,
                 "fill_value": int(fill),
             })
+        self._attach_hooks(engine_kwargs, hook_args, prepared, n_return, input_len)
         return _Call(
             prepared=prepared,
             ids=np.ascontiguousarray(ids),
@@ -383,6 +390,37 @@ class Generator:
             cfg=cfg,
             engine_kwargs=engine_kwargs,
         )
+
+    def _attach_hooks(self, engine_kwargs: dict, hook_args: dict, prepared: PreparedInputs, n_return: int, input_len: int) -> None:
+        """Adds the call's user hooks (merged as transformers merges them) to the engine arguments;
+        a user stopping criterion of a built-in's class turns that built-in check off."""
+        config_json = engine_kwargs["processor_config_json"]
+        runner, replaced = _hooks.build(
+            **hook_args,
+            builtin_names=lambda: _kvgen.builtin_processor_names(config_json, int(self.config.vocab_size)),
+            rows_per_prompt=n_return,
+            has_stop_strings=bool(engine_kwargs["stop_strings"]),
+            has_eos=bool(engine_kwargs["eos_token_ids"]),
+            torch_device=prepared.torch_device if prepared.kind == "torch" else None,
+            keep_scores=engine_kwargs["output_scores"],
+        )
+        if runner is None:
+            return
+        if "beam_json" in engine_kwargs:
+            raise InvalidInputError(
+                "logits_processor / stopping_criteria / prefix_allowed_tokens_fn with num_beams > 1 are not supported "
+                "yet; use them with num_beams=1, or drop them for beam search"
+            )
+        engine_kwargs["hooks"] = runner
+        if "StopStringCriteria" in replaced:
+            engine_kwargs["stop_strings"] = []
+        if "EosTokenCriteria" in replaced:
+            # The user's criterion decides where rows end; finished rows are still padded.
+            engine_kwargs["eos_token_ids"] = []
+        if "MaxLengthCriteria" in replaced:
+            user_max = next(getattr(c, "max_length", None) for c in runner.criteria if type(c).__name__ == "MaxLengthCriteria")
+            if isinstance(user_max, (int, np.integer)) and not isinstance(user_max, bool):
+                engine_kwargs["max_new_tokens"] = max(1, int(user_max) - input_len)
 
     # ---- concurrency ------------------------------------------------------------------------
 

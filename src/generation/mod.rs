@@ -3,6 +3,7 @@
 //! stopping); `generate` drives one alone, `crate::scheduler` drives many in shared steps.
 
 pub mod beam;
+pub mod hooks;
 pub mod request;
 pub mod stopping;
 
@@ -35,6 +36,8 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Beam search (num_beams > 1): the prompts are expanded into num_beams rows each here.
     pub beam: Option<beam::BeamParams>,
+    /// The caller's own processors and stopping criteria (Python callables), if any.
+    pub hooks: Option<hooks::HookSet>,
 }
 
 /// One prompt row.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::beam::{BeamSearch, Candidate};
+use super::hooks::{self, Hooked};
 use super::stopping::{DecodeFn, StopStrings};
 use super::{GenerationOutput, GenerationParams, Prompt};
 use crate::error::{Error, Result};
@@ -39,6 +40,8 @@ pub struct Request {
     params: GenerationParams,
     vocab: usize,
     processors: Vec<Box<dyn LogitsProcessor>>,
+    /// User hooks (with the built-in processors that precede them); None for most requests.
+    hooked: Option<Hooked>,
     stop: Option<StopStrings>,
     rngs: Vec<Option<RowRng>>,
     ignore_prefix: Vec<usize>,
@@ -99,20 +102,24 @@ impl Request {
             (false, Some(d)) => Some(StopStrings::new(params.stop_strings.clone(), d)),
             (false, None) => return Err(Error::invalid("stop_strings need a tokenizer; load the model with its tokenizer")),
         };
-        let processors = sampling::processors::build(&params.processors, vocab)?;
+        let built = sampling::processors::build_split(&params.processors, vocab)?;
+        let (processors, hooked) = hooks::arrange(built, params.hooks.clone())?;
         let rngs = if do_sample {
             params.seeds.iter().map(|&(seed, stream)| Some(RowRng::new(seed, stream))).collect()
         } else {
             (0..batch).map(|_| None).collect()
         };
         let steps = params.max_new_tokens;
-        let keep_finished_rows = params.output_scores || params.output_logits || params.pad_token_id.is_none();
+        // Hooks see the whole batch every step, as transformers' processors do.
+        let keep_finished_rows =
+            params.output_scores || params.output_logits || params.pad_token_id.is_none() || hooked.is_some();
         // Grown as tokens come: max_new_tokens is an upper bound that most rows never reach.
         let token_capacity = steps.min(INITIAL_TOKEN_CAPACITY);
         let logprob_rows = if params.logprobs.is_some() { batch } else { 0 };
         Ok(Request {
             vocab,
             processors,
+            hooked,
             stop,
             rngs,
             ignore_prefix: prompts.iter().map(|p| p.ignore_prefix).collect(),
@@ -253,6 +260,9 @@ impl Request {
                 self.unfinished[r] = false;
             }
         }
+        if let Some(h) = &self.hooked {
+            h.stop(&self.hf_rows, &self.step_logits, &mut self.unfinished)?;
+        }
         self.step += 1;
         if !self.unfinished.iter().any(|&u| u) || self.step >= self.params.max_new_tokens {
             self.done = true;
@@ -273,6 +283,9 @@ impl Request {
     /// processors state, own random stream), so they run in parallel.
     fn pick_tokens(&mut self) -> Result<Vec<u32>> {
         let (vocab, step) = (self.vocab, self.step);
+        if let Some(h) = &self.hooked {
+            h.process(&self.hf_rows, &self.ignore_prefix, &mut self.step_logits, vocab)?;
+        }
         let mut is_active = vec![false; self.rows()];
         self.active.iter().for_each(|&r| is_active[r] = true);
         let (processors, hf_rows, ignore_prefix, unfinished) =

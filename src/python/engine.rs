@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::{guarded, to_py, IntoPyResult};
+use super::hooks::{HookError, PyHooks};
 use super::request::{GenerateResult, PyDoorbell, PyRequest};
 use super::tokenizer::PyTokenizer;
 use crate::backend::{SeqInput, SlotGuard};
@@ -101,7 +102,8 @@ impl PyEngine {
         seeds: Vec<(u64, u64)>,
         logprobs: Option<usize>,
         beam_json: Option<&str>,
-    ) -> PyResult<(Request, usize)> {
+        hooks: Option<Py<PyAny>>,
+    ) -> PyResult<(Request, usize, Option<HookError>)> {
         let vocab = self.inner.config.vocab_size;
         let (prompts, _) = prompts_from(input_ids, attention_mask, vocab)?;
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
@@ -117,7 +119,7 @@ impl PyEngine {
         };
         let processors: ProcessorConfig = serde_json::from_str(processor_config_json)
             .map_err(|e| to_py(Error::invalid(format!("invalid generation settings: {e}"))))?;
-        let params = GenerationParams {
+        let mut params = GenerationParams {
             max_new_tokens,
             processors,
             eos_token_ids: eos_token_ids.iter().map(|&i| check_id("eos_token_id", i)).collect::<PyResult<_>>()?,
@@ -130,14 +132,23 @@ impl PyEngine {
             beam: beam_json
                 .map(|j| serde_json::from_str(j).map_err(|e| to_py(Error::invalid(format!("invalid beam search settings: {e}")))))
                 .transpose()?,
+            hooks: None,
         };
+        let mut hook_error = None;
+        if let Some(runner) = hooks {
+            let prompt: Vec<i64> = input_ids.as_array().iter().copied().collect();
+            let width = input_ids.shape()[1];
+            let (set, error) = PyHooks::hook_set(input_ids.py(), runner, prompt, width, vocab)?;
+            params.hooks = Some(set);
+            hook_error = Some(error);
+        }
         let decode = self.inner.tokenizer.as_ref().map(|t| {
             let t = Arc::clone(t);
             Arc::new(move |ids: &[u32]| t.decode(ids, false)) as Arc<generation::stopping::DecodeFn>
         });
         let batch = prompts.len();
         let request = guarded(|| Request::new(prompts, params, decode, vocab)).py()?;
-        Ok((request, batch))
+        Ok((request, batch, hook_error))
     }
 }
 
@@ -214,7 +225,7 @@ impl PyEngine {
     /// float32, logits list of the same). `on_step(tokens)` streams; Ctrl-C cancels.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), logprobs = None, on_step = None, beam_json = None))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, on_step = None, beam_json = None, hooks = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -232,8 +243,9 @@ impl PyEngine {
         logprobs: Option<usize>,
         on_step: Option<Py<PyAny>>,
         beam_json: Option<String>,
+        hooks: Option<Py<PyAny>>,
     ) -> PyResult<GenerateResult<'py>> {
-        let (request, batch) = self.request(
+        let (request, batch, hook_error) = self.request(
             &input_ids,
             &attention_mask,
             max_new_tokens,
@@ -245,16 +257,17 @@ impl PyEngine {
             seeds,
             logprobs,
             beam_json.as_deref(),
+            hooks,
         )?;
         let handle = self.scheduler()?.submit(request, on_step.is_some(), None).py()?;
-        PyRequest::new(handle, batch, self.inner.config.vocab_size).wait(py, on_step)
+        PyRequest::new(handle, batch, self.inner.config.vocab_size).with_hook_error(hook_error).wait(py, on_step)
     }
 
     /// Like `generate`, but returns at once with a `Request` to poll, wait on or cancel;
     /// `doorbell=` (a `Doorbell`) rings that event loop's socket when it has news.
     #[pyo3(signature = (input_ids, attention_mask, *, max_new_tokens, processor_config_json,
         eos_token_ids = Vec::new(), pad_token_id = None, stop_strings = Vec::new(), output_scores = false,
-        output_logits = false, seeds = Vec::new(), logprobs = None, stream_steps = false, doorbell = None, beam_json = None))]
+        output_logits = false, seeds = Vec::new(), logprobs = None, stream_steps = false, doorbell = None, beam_json = None, hooks = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit<'py>(
         &self,
@@ -272,8 +285,9 @@ impl PyEngine {
         stream_steps: bool,
         doorbell: Option<PyRef<'py, PyDoorbell>>,
         beam_json: Option<String>,
+        hooks: Option<Py<PyAny>>,
     ) -> PyResult<PyRequest> {
-        let (request, batch) = self.request(
+        let (request, batch, hook_error) = self.request(
             &input_ids,
             &attention_mask,
             max_new_tokens,
@@ -285,10 +299,11 @@ impl PyEngine {
             seeds,
             logprobs,
             beam_json.as_deref(),
+            hooks,
         )?;
         let bell = doorbell.map(|d| Arc::clone(&d.inner));
         let handle = self.scheduler()?.submit(request, stream_steps, bell).py()?;
-        Ok(PyRequest::new(handle, batch, self.inner.config.vocab_size))
+        Ok(PyRequest::new(handle, batch, self.inner.config.vocab_size).with_hook_error(hook_error))
     }
 
     /// The scheduler's counters (running/queued requests and sequences, steps, peaks).

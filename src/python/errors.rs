@@ -42,6 +42,17 @@ pub fn to_py(err: Error) -> PyErr {
     })
 }
 
+/// `to_py`, except that a request ended by a Python hook's exception (`Error::Callback` with the
+/// exception kept in `carried`) raises that exception object itself, type and traceback intact.
+pub fn to_py_carried(err: Error, carried: Option<&super::hooks::HookError>) -> PyErr {
+    if let (Error::Callback(_), Some(slot)) = (&err, carried) {
+        if let Some(original) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return original;
+        }
+    }
+    to_py(err)
+}
+
 /// `?`-friendly conversion for kvgen results inside pymethods.
 pub trait IntoPyResult<T> {
     fn py(self) -> PyResult<T>;

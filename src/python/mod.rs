@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod errors;
 pub mod gguf;
+pub mod hooks;
 pub mod neuron;
 pub mod neuron_nrt;
 pub mod processing;

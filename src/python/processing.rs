@@ -62,6 +62,17 @@ pub fn process_logits_native<'py>(
     Ok(PyArray1::from_vec(py, out).reshape([batch, vocab])?.into_any())
 }
 
+/// The transformers class names of the processors `config_json` builds before the warpers, in
+/// order: what a user `logits_processor` list is merged with (python/kvgen/_hooks.py).
+#[pyfunction]
+pub fn builtin_processor_names(config_json: &str, vocab_size: usize) -> PyResult<Vec<&'static str>> {
+    let cfg: ProcessorConfig = serde_json::from_str(config_json)
+        .map_err(|e| Error::invalid(format!("invalid processor settings: {e}")))
+        .py()?;
+    Ok(processors::build_split(&cfg, vocab_size).py()?.pre.into_iter().map(|(name, _)| name).collect())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(process_logits_native, m)?)
+    m.add_function(wrap_pyfunction!(process_logits_native, m)?)?;
+    m.add_function(wrap_pyfunction!(builtin_processor_names, m)?)
 }

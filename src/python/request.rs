@@ -8,7 +8,8 @@ use std::time::Duration;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 
-use super::errors::{to_py, IntoPyResult};
+use super::errors::{to_py, to_py_carried, IntoPyResult};
+use super::hooks::HookError;
 use crate::error::Error;
 use crate::generation::GenerationOutput;
 use crate::scheduler::{Doorbell, Events, RequestHandle};
@@ -29,6 +30,8 @@ pub struct PyRequest {
     handle: RequestHandle,
     batch: usize,
     vocab: usize,
+    /// Where a Python hook's exception is kept (requests with hooks only).
+    hook_error: Option<HookError>,
 }
 
 fn matrix<'py>(py: Python<'py>, flat: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyAny>> {
@@ -37,7 +40,13 @@ fn matrix<'py>(py: Python<'py>, flat: Vec<f32>, rows: usize, cols: usize) -> PyR
 
 impl PyRequest {
     pub fn new(handle: RequestHandle, batch: usize, vocab: usize) -> Self {
-        PyRequest { handle, batch, vocab }
+        PyRequest { handle, batch, vocab, hook_error: None }
+    }
+
+    /// Re-raises `hook_error`'s exception, when a hook ends the request, instead of its text.
+    pub fn with_hook_error(mut self, hook_error: Option<HookError>) -> Self {
+        self.hook_error = hook_error;
+        self
     }
 
     fn to_numpy<'py>(&self, py: Python<'py>, out: GenerationOutput) -> PyResult<GenerateResult<'py>> {
@@ -95,7 +104,7 @@ impl PyRequest {
         if let Some(e) = py_error {
             return Err(e);
         }
-        let out = result.py()?;
+        let out = result.map_err(|e| to_py_carried(e, self.hook_error.as_ref()))?;
         self.to_numpy(py, out)
     }
 }
@@ -134,7 +143,7 @@ impl PyRequest {
 
     /// The result of a finished request (raises its error); only once.
     fn result<'py>(&self, py: Python<'py>) -> PyResult<GenerateResult<'py>> {
-        let out = self.handle.link().take_result().py()?;
+        let out = self.handle.link().take_result().map_err(|e| to_py_carried(e, self.hook_error.as_ref()))?;
         self.to_numpy(py, out)
     }
 

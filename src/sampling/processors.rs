@@ -44,6 +44,22 @@ const MIN_KEEP: usize = 1;
 /// as in transformers (keeps only the top token). Sampling settings are only checked with
 /// do_sample=True, because transformers ignores them otherwise.
 pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn LogitsProcessor>>> {
+    let Built { pre, warpers } = build_split(cfg, vocab_size)?;
+    Ok(pre.into_iter().map(|(_, p)| p).chain(warpers).collect())
+}
+
+/// `build`'s list in its two halves, where transformers merges the user's `logits_processor`
+/// list in between (`_merge_criteria_processor_list` runs before the warpers are appended).
+pub struct Built {
+    /// The processors built for greedy and sampling alike, each with the name of its
+    /// transformers class (a user processor of the same class replaces it).
+    pub pre: Vec<(&'static str, Box<dyn LogitsProcessor>)>,
+    /// The sampling warpers and LogitNormalization: never merged with user processors.
+    pub warpers: Vec<Box<dyn LogitsProcessor>>,
+}
+
+/// `build`, split where user processors go (see `Built`).
+pub fn build_split(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Built> {
     if vocab_size == 0 {
         return Err(Error::invalid("the scores have 0 columns: the vocabulary must hold at least one token"));
     }
@@ -54,7 +70,8 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
         list.iter().map(|&t| check_id(name, t, vocab_size)).collect()
     };
     let eos = ids("eos_token_id", &cfg.eos_token_id)?;
-    let mut out: Vec<Box<dyn LogitsProcessor>> = Vec::new();
+    let mut pre: Vec<(&'static str, Box<dyn LogitsProcessor>)> = Vec::new();
+    let mut warpers: Vec<Box<dyn LogitsProcessor>> = Vec::new();
 
     if let Some(bias) = &cfg.sequence_bias {
         if bias.is_empty() {
@@ -71,7 +88,7 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
             }
             pairs.push((ids("sequence_bias", seq)?, *b));
         }
-        out.push(Box::new(SequenceBias::new(SequenceBias::dedup(pairs))));
+        pre.push(("SequenceBiasLogitsProcessor", Box::new(SequenceBias::new(SequenceBias::dedup(pairs)))));
     }
     if let Some(p) = cfg.repetition_penalty {
         if !(p > 0.0) || !p.is_finite() {
@@ -81,12 +98,12 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
             )));
         }
         if p != 1.0 {
-            out.push(Box::new(RepetitionPenalty(p)));
+            pre.push(("RepetitionPenaltyLogitsProcessor", Box::new(RepetitionPenalty(p))));
         }
     }
     if let Some(n) = cfg.no_repeat_ngram_size {
         if n > 0 {
-            out.push(Box::new(NoRepeatNGram(n)));
+            pre.push(("NoRepeatNGramLogitsProcessor", Box::new(NoRepeatNGram(n))));
         }
     }
     if let Some(words) = &cfg.bad_words_ids {
@@ -110,21 +127,22 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
         }
         // transformers raises when only eos words were given (empty bias dict); kvgen builds nothing.
         if !pairs.is_empty() {
-            out.push(Box::new(SequenceBias::new(SequenceBias::dedup(pairs))));
+            pre.push(("NoBadWordsLogitsProcessor", Box::new(SequenceBias::new(SequenceBias::dedup(pairs)))));
         }
     }
     if let Some(min_length) = cfg.min_length {
         if min_length > 0 && !eos.is_empty() {
-            out.push(Box::new(SuppressUntil { ids: eos.clone(), until: min_length }));
+            pre.push(("MinLengthLogitsProcessor", Box::new(SuppressUntil { ids: eos.clone(), until: min_length })));
         }
     }
     if let Some(min_new) = cfg.min_new_tokens {
         if min_new > 0 && !eos.is_empty() {
-            out.push(Box::new(SuppressUntil { ids: eos.clone(), until: cfg.prompt_length + min_new }));
+            pre.push(("MinNewTokensLengthLogitsProcessor", Box::new(SuppressUntil { ids: eos.clone(), until: cfg.prompt_length + min_new })));
         }
     }
     if let Some(bos) = cfg.forced_bos_token_id {
-        out.push(Box::new(ForceAt { ids: vec![check_id("forced_bos_token_id", bos, vocab_size)?], at: 1 }));
+        let ids = vec![check_id("forced_bos_token_id", bos, vocab_size)?];
+        pre.push(("ForcedBOSTokenLogitsProcessor", Box::new(ForceAt { ids, at: 1 })));
     }
     if let Some(forced) = &cfg.forced_eos_token_id {
         let forced = ids("forced_eos_token_id", forced)?;
@@ -135,11 +153,11 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
         };
         // cur_len == max_length - 1; max_length 0 never fires (transformers compares with -1).
         if let Some(at) = max_length.checked_sub(1) {
-            out.push(Box::new(ForceAt { ids: forced, at }));
+            pre.push(("ForcedEOSTokenLogitsProcessor", Box::new(ForceAt { ids: forced, at })));
         }
     }
     if cfg.remove_invalid_values {
-        out.push(Box::new(InfNanRemove));
+        pre.push(("InfNanRemoveLogitsProcessor", Box::new(InfNanRemove)));
     }
     if let Some((start, factor)) = cfg.exponential_decay_length_penalty {
         if eos.is_empty() {
@@ -156,10 +174,10 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
         let mut unique = eos.clone();
         unique.sort_unstable();
         unique.dedup();
-        out.push(Box::new(ExponentialDecay { start: start + cfg.prompt_length, factor, eos: unique }));
+        pre.push(("ExponentialDecayLengthPenalty", Box::new(ExponentialDecay { start: start + cfg.prompt_length, factor, eos: unique })));
     }
     if let Some(list) = &cfg.suppress_tokens {
-        out.push(Box::new(Suppress(ids("suppress_tokens", list)?)));
+        pre.push(("SuppressTokensLogitsProcessor", Box::new(Suppress(ids("suppress_tokens", list)?))));
     }
     if let Some(list) = &cfg.begin_suppress_tokens {
         let list = ids("begin_suppress_tokens", list)?;
@@ -167,7 +185,7 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
         if cfg.prompt_length <= 1 && cfg.forced_bos_token_id.is_some() {
             at += 1;
         }
-        out.push(Box::new(SuppressAt { ids: list, at }));
+        pre.push(("SuppressTokensAtBeginLogitsProcessor", Box::new(SuppressAt { ids: list, at })));
     }
 
     if cfg.do_sample {
@@ -180,12 +198,12 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
                 )));
             }
             if t != 1.0 {
-                out.push(Box::new(Temperature(t)));
+                warpers.push(Box::new(Temperature(t)));
             }
         }
         if let Some(k) = cfg.top_k {
             if k != 0 {
-                out.push(Box::new(TopK(k.max(MIN_KEEP))));
+                warpers.push(Box::new(TopK(k.max(MIN_KEEP))));
             }
         }
         if let Some(p) = cfg.top_p {
@@ -197,17 +215,17 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
                 "1.0 disables nucleus sampling; pass e.g. top_p=0.9",
             )?;
             if p < 1.0 {
-                out.push(Box::new(TopP { top_p: p, min_keep: MIN_KEEP }));
+                warpers.push(Box::new(TopP { top_p: p, min_keep: MIN_KEEP }));
             }
         }
         if let Some(p) = cfg.min_p {
             check_range("min_p", p, p >= 0.0 && p <= 1.0, "[0, 1]", "None or 0 disables it; pass e.g. min_p=0.05")?;
-            out.push(Box::new(MinP { min_p: p }));
+            warpers.push(Box::new(MinP { min_p: p }));
         }
         if let Some(p) = cfg.typical_p {
             check_range("typical_p", p, p > 0.0 && p <= 1.0, "(0, 1]", "1.0 disables it; pass e.g. typical_p=0.9")?;
             if p < 1.0 {
-                out.push(Box::new(Typical { mass: p, min_keep: MIN_KEEP }));
+                warpers.push(Box::new(Typical { mass: p, min_keep: MIN_KEEP }));
             }
         }
         if let Some(e) = cfg.epsilon_cutoff {
@@ -219,20 +237,20 @@ pub fn build(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Vec<Box<dyn Log
                 "0 disables it; pass e.g. epsilon_cutoff=3e-4",
             )?;
             if e > 0.0 {
-                out.push(Box::new(Epsilon(e)));
+                warpers.push(Box::new(Epsilon(e)));
             }
         }
         if let Some(e) = cfg.eta_cutoff {
             check_range("eta_cutoff", e, e >= 0.0 && e < 1.0, "[0, 1)", "0 disables it; pass e.g. eta_cutoff=1e-3")?;
             if e > 0.0 {
-                out.push(Box::new(Eta(e)));
+                warpers.push(Box::new(Eta(e)));
             }
         }
     }
     if cfg.renormalize_logits {
-        out.push(Box::new(LogSoftmax));
+        warpers.push(Box::new(LogSoftmax));
     }
-    Ok(out)
+    Ok(Built { pre, warpers })
 }
 
 fn check_id(name: &str, id: i64, vocab_size: usize) -> Result<u32> {
