@@ -391,6 +391,35 @@ def test_return_dict_without_outputs(gen, hf, enc):
     assert out.scores is None and out.logits is None
 
 
+def test_output_cache_field_and_old_name():
+    """transformers 5.24 named the field `cache`; `past_key_values` still answers (attribute, key,
+    `in`, `get`, constructor keyword) on both transformers' output and kvgen's."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput as HFOut
+
+    from kvgen import GenerateDecoderOnlyOutput as KVOut
+
+    assert [f.name for f in dataclasses.fields(KVOut)] == [f.name for f in dataclasses.fields(HFOut)]
+    marker = object()
+    for cls in (HFOut, KVOut):
+        for out in (cls(sequences=torch.zeros(1, 1), cache=marker), cls(sequences=torch.zeros(1, 1), past_key_values=marker)):
+            assert out.cache is marker and out.past_key_values is marker, cls
+            assert out["cache"] is marker and out["past_key_values"] is marker, cls
+            assert "cache" in out and "past_key_values" in out, cls
+            assert out.get("past_key_values") is marker, cls
+            assert list(out.keys()) == ["sequences", "cache"], cls
+    empty = KVOut(sequences=torch.zeros(1, 1))
+    assert empty.past_key_values is None and "past_key_values" not in empty
+    with pytest.raises(TypeError, match="cache"):
+        KVOut(sequences=None, cache=1, past_key_values=2)
+
+
+def test_return_dict_has_both_cache_names(gen, enc):
+    # kvgen keeps its cache inside the engine: both names read None, as transformers' use_cache=False does.
+    out = gen.generate(**enc, max_new_tokens=2, return_dict_in_generate=True)
+    assert out.cache is None and out.past_key_values is None
+
 # -- generation_config and argument validation --------------------------------------------------
 
 

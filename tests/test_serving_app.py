@@ -223,8 +223,8 @@ def test_bad_chat_requests(app):
     _assert_openai_error(
         _post(app, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
         422,
-        "messages.0.role",
-        r"^messages\.0\.role: Input should be 'system', 'user', 'assistant'",
+        "messages.0",
+        r"^messages\.0: Input tag 'wizard' found using 'role' does not match any of the expected tags: 'system'",
     )
     _assert_openai_error(
         _post(app, "/v1/chat/completions", {"messages": user, "max_completion_tokens": 999}),
@@ -366,3 +366,163 @@ def test_client_disconnect_cancels_its_generation(server, kv_model, stream):
     stats = gen.scheduler_stats()
     assert stats["cancelled"] == before + 1, stats
     assert stats["running_sequences"] == 0
+
+
+# ---- strict types, required content, the vLLM / llama.cpp sampling extensions -----------------
+
+
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/chat/completions", "top_logprobs", False),
+        ("/v1/chat/completions", "n", True),
+        ("/v1/completions", "max_tokens", True),
+        ("/v1/completions", "seed", True),
+        ("/v1/completions", "logprobs", False),
+        ("/v1/completions", "min_tokens", True),
+        ("/v1/completions", "top_k", True),
+        ("/v1/completions", "stream", 1),
+        ("/v1/completions", "ignore_eos", 0),
+        ("/v1/completions", "echo", 0),
+        ("/v1/completions", "best_of", True),
+        ("/v1/completions", "temperature", True),
+    ],
+)
+def test_booleans_are_not_numbers_and_numbers_not_booleans(app, path, field, value):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    _assert_openai_error(_post(app, path, body | {field: value, "max_tokens": 2} if field != "max_tokens" else body | {field: value}),
+                         422, field, rf"^{field}: Input should be a valid")
+
+
+def test_integral_floats_are_integers(app, gen):
+    # JSON Schema counts 2.0 as an integer; the strict types still do.
+    r = _post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3.0, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == gen.generate(PROMPT, max_new_tokens=3)
+
+
+def test_prompt_must_not_be_empty(app):
+    for prompt in ("", [], [[]], [""]):
+        r = _post(app, "/v1/completions", {"prompt": prompt})
+        assert r.status_code == 422 and r.json()["error"]["param"].startswith("prompt"), (prompt, r.text)
+
+
+def test_messages_need_content_where_openai_requires_it(app):
+    for role in ("system", "developer", "user", "tool"):
+        _assert_openai_error(
+            _post(app, "/v1/chat/completions", {"messages": [{"role": role}]}), 422, f"messages.0.{role}.content",
+            rf"^messages\.0\.{role}\.content: Field required",
+        )
+    # The assistant's content is optional (OpenAI: it may carry tool calls instead).
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant"}, {"role": "user", "content": [{"type": "text", "text": "Go"}]}]
+    assert _post(app, "/v1/chat/completions", {"messages": messages, "max_tokens": 2}).status_code == 200
+    r = _post(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("messages.0.user.content"), r.text
+
+
+def test_openapi_documents_errors_and_limits(app):
+    spec = _get(app, "/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for status in ("400", "413", "422", "429"):
+            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert "text/event-stream" in responses["200"]["content"]
+    props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"type": "string", "minLength": 1} in props["prompt"]["anyOf"]
+    assert all(b.get("minItems") == 1 for b in props["prompt"]["anyOf"] if b["type"] == "array")
+    assert [b["maximum"] for b in props["max_tokens"]["anyOf"] if b["type"] == "integer"] == [64]  # this app's limit
+
+
+def _sampled(app, body):
+    r = _post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12} | body)
+    assert r.status_code == 200, r.text
+    return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+
+SAMPLE = dict(do_sample=True, temperature=1.5, top_p=1.0, seed=11)
+
+
+@pytest.mark.parametrize(
+    "field, value, kwargs",
+    [
+        ("top_k", 3, {"top_k": 3}),
+        ("min_p", 0.3, {"min_p": 0.3}),
+        ("repetition_penalty", 3.0, {"repetition_penalty": 3.0}),
+    ],
+)
+def test_sampling_extensions_are_generate_kwargs(app, gen, field, value, kwargs):
+    """Each field gives what the same kwarg gives Generator.generate, and changes the output."""
+    body = {"temperature": 1.5, "seed": 11}
+    base = gen.generate(PROMPT, max_new_tokens=12, top_k=0, **SAMPLE)
+    expected = gen.generate(PROMPT, max_new_tokens=12, **(SAMPLE | {"top_k": 0} | kwargs))
+    assert expected != base, f"fixture: {field}={value} must change the sampled text"
+    assert _sampled(app, body) == [base]
+    assert _sampled(app, body | {field: value}) == [expected]
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_zero_or_minus_one_disables_it(app, gen, top_k):
+    assert _sampled(app, {"temperature": 1.5, "seed": 11, "top_k": top_k}) == [
+        gen.generate(PROMPT, max_new_tokens=12, top_k=0, **SAMPLE)
+    ]
+
+
+def test_repetition_penalty_applies_to_greedy(app, gen):
+    expected = gen.generate(PROMPT, max_new_tokens=12, repetition_penalty=3.0)
+    assert expected != gen.generate(PROMPT, max_new_tokens=12)
+    assert _sampled(app, {"temperature": 0, "repetition_penalty": 3.0}) == [expected]
+
+
+@pytest.fixture(scope="module")
+def eos_app(model_dir):
+    """An app whose model's EOS is a token its greedy continuation of PROMPT reaches at step 3."""
+    import kvgen
+    from kvgen.server import create_app
+
+    g = kvgen.Generator.from_pretrained(str(model_dir("llama")))
+    ids = g.tokenizer.encode(PROMPT)
+    tokens = list(g.generate([ids], max_new_tokens=12, eos_token_id=[])[0][len(ids) :])
+    eos = tokens[3]
+    assert eos not in tokens[:3], "fixture: pick a token that first appears at step 3"
+    g.generation_config.eos_token_id = eos
+    return create_app(g, model_name="tiny-llama-eos", max_tokens_limit=64), g
+
+
+def test_min_tokens_and_ignore_eos(eos_app):
+    # Compared by token count: the server's incremental decoding of a torn UTF-8 tail may differ
+    # from decoding the whole sequence at once (tiny random models emit such bytes).
+    app, g = eos_app
+    ids = g.tokenizer.encode(PROMPT)
+
+    def served(body):
+        r = _post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0} | body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]
+
+    def generated(**kwargs):
+        return len(g.generate([ids], max_new_tokens=12, **kwargs)[0]) - len(ids)
+
+    assert served({}) == (4, "stop") and generated() == 4  # EOS at step 3 ends it
+    count, finish = served({"min_tokens": 6})
+    assert count == generated(min_new_tokens=6) > 6
+    assert served({"ignore_eos": True}) == (12, "length")
+    assert generated(eos_token_id=[]) == 12
+    # min_tokens over max_tokens: EOS is suppressed to the end, as min_new_tokens > max_new_tokens does.
+    assert served({"max_tokens": 5, "min_tokens": 50}) == (5, "length")
+
+
+def test_seed_per_choice(app, gen):
+    """Choice k samples from stream (seed, k): generate(num_return_sequences=n)'s k-th row, the same
+    whatever n is, choice 0 the n=1 answer; choices differ from each other."""
+    body = {"temperature": 1.5, "seed": 11}
+    three = _sampled(app, body | {"n": 3})
+    assert three == gen.generate([PROMPT], max_new_tokens=12, num_return_sequences=3, top_k=0, **SAMPLE)
+    assert len(set(three)) == 3
+    assert _sampled(app, body | {"n": 2}) == three[:2]
+    assert _sampled(app, body) == three[:1]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unknown_fields_still_get_a_422_naming_them(app, path):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    _assert_openai_error(_post(app, path, body | {"top_a": 0.5}), 422, "top_a", r"^top_a: Extra inputs are not permitted")

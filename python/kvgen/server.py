@@ -30,10 +30,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import _kvgen
 from ._async import request_steps
-from ._openai_schema import ChatCompletionRequest, CompletionRequest, _Sampling
+from ._openai_schema import MAX_N, ChatCompletionRequest, CompletionRequest, ErrorResponse, TextPart, _Sampling
 from .errors import InvalidInputError, KvgenError, OverloadedError
 from .streaming import TextAssembler
 
@@ -72,6 +73,18 @@ class ServerLimits:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_logprobs" else 1):
                 raise InvalidInputError(f"server limit {name}={value!r} must be a positive integer")
         return limits
+
+
+# Temperatures below this decode greedily, as vLLM's OpenAI server does (its _SAMPLING_EPS): dividing
+# logits by less overflows f32 and the distribution is one-hot anyway.
+_GREEDY_BELOW = 1e-5
+_F32_TINY, _F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def _f32_positive(x: float) -> float:
+    """A positive setting that stays positive and finite in the engine's f32 (a top_p of 5e-324 would
+    become 0, which the engine refuses; one that small keeps only the likeliest token either way)."""
+    return min(max(x, _F32_TINY), _F32_MAX)
 
 
 # "Well below the context" on big models: a long-context model keeps a prompt cap that one
@@ -256,6 +269,7 @@ class _Service:
         self.gen = gen
         self.model_name = model_name
         self.context = int(getattr(gen.config, "max_position_embeddings", 0) or 0)
+        self.vocab = int(getattr(gen.config, "vocab_size", 0) or 0)
         self.limits = limits.resolved(self.context)
         self._executor = ThreadPoolExecutor(max_workers=_TOKENIZER_THREADS, thread_name_prefix="kvgen-tokenizer")
 
@@ -311,12 +325,28 @@ class _Service:
                 max_param,
             )
         settings: dict = {"max_new_tokens": max_tokens}
-        if body.temperature == 0:
+        # The extensions map onto Generator.generate's kwargs of the same meaning. Values past what
+        # can change the output are clamped (a min_tokens over max_tokens suppresses EOS to the end
+        # either way; a top_k over the vocabulary keeps every token), so no huge number reaches the engine.
+        if body.min_tokens:
+            settings["min_new_tokens"] = min(body.min_tokens, max_tokens)
+        if body.repetition_penalty is not None:
+            settings["repetition_penalty"] = body.repetition_penalty
+        if body.ignore_eos:
+            settings["eos_token_id"] = []
+        if body.temperature < _GREEDY_BELOW:
+            # Greedy: the sampling warpers (top_p, top_k, min_p) cannot change the argmax.
             settings["do_sample"] = False
         else:
-            # OpenAI's sampling has no top-k: switch off the model's default one.
-            settings.update(do_sample=True, temperature=body.temperature, top_p=body.top_p, top_k=0)
+            # OpenAI's sampling has no top-k: the model's default one is off unless top_k asks for it.
+            top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+            if self.vocab:
+                top_k = min(top_k, self.vocab)
+            settings.update(do_sample=True, temperature=body.temperature, top_p=_f32_positive(body.top_p), top_k=top_k)
+            if body.min_p is not None:
+                settings["min_p"] = body.min_p
             if body.seed is not None:
+                # Choice k of each prompt samples from the stream (seed, k): see seeding.row_seeds.
                 settings["seed"] = body.seed
         if body.stop:
             settings["stop_strings"] = list(body.stop)
@@ -372,11 +402,12 @@ class _Service:
         tok = self.gen.tokenizer
         if not tok.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from e
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as e:
+            # A template may refuse a conversation (e.g. roles that do not alternate): the client's to fix.
+            raise ApiError(400, f"the model's chat template refused these messages: {e}", "messages") from e
         ids = list(ids)
         self._check_prompt(ids, "messages")
         return ids
@@ -509,7 +540,98 @@ def _input_chars(value: Any) -> int:
         return sum(_input_chars(v) for v in value)
     if isinstance(value, ChatCompletionRequest):
         return _input_chars([m.content for m in value.messages])
+    if isinstance(value, TextPart):
+        return len(value.text)
     return 0
+
+
+def _error_response(description: str, **extra: Any) -> dict:
+    return {"model": ErrorResponse, "description": description, **extra}
+
+
+# What the generation endpoints answer, for the OpenAPI schema: every status the server sends,
+# each with OpenAI's error body (FastAPI's own 422 schema is replaced, since the handler below
+# answers 422 in OpenAI's format too).
+_GENERATION_RESPONSES: dict = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events in OpenAI's chunk format ending "
+        "with `data: [DONE]`.",
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "object", "properties": {"data": {"type": "string"}}},
+                "description": "each event's data is a JSON chunk, the last one `[DONE]`",
+            }
+        },
+    },
+    400: _error_response(
+        "Over one of this server's limits (max_tokens, prompt tokens, prompts x n, stop strings, logprobs), a token "
+        "id outside the vocabulary, a chat template that refuses the messages, or fields kvgen does not combine"
+    ),
+    413: _error_response("The body is larger than this server's max_body_bytes"),
+    422: _error_response("The body does not match this schema; `param` names the first field at fault"),
+    429: _error_response(
+        "Too many requests in flight or queued; retry after the Retry-After header's seconds",
+        headers={"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    ),
+}
+
+
+def _branches(node: dict) -> list:
+    return node.get("anyOf", [node])
+
+
+def _is_token_list(node: dict) -> bool:
+    return node.get("type") == "array" and node.get("items", {}).get("type") == "integer"
+
+
+def _document_limits(schema: dict, limits: ServerLimits, vocab: int) -> None:
+    """Writes this server's limits into its OpenAPI request schemas, so that a request valid by
+    the published schema is one the server serves (the pydantic models carry the hard ceilings)."""
+    models = schema.get("components", {}).get("schemas", {})
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = models.get(name, {}).get("properties", {})
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            prop = props.get(field_name, {})
+            if isinstance(prop.get("default"), int):
+                prop["default"] = min(prop["default"], limits.max_tokens_limit)
+            for b in _branches(prop):
+                if b.get("type") == "integer":
+                    b["maximum"] = limits.max_tokens_limit
+        for field_name in ("logprobs", "top_logprobs"):
+            for b in _branches(props.get(field_name, {})):
+                if b.get("type") == "integer":
+                    b["maximum"] = min(b.get("maximum", limits.max_logprobs), limits.max_logprobs)
+        if "n" in props:
+            props["n"]["maximum"] = min(props["n"].get("maximum", limits.max_rows_per_request), limits.max_rows_per_request)
+        for b in _branches(props.get("stop", {})):
+            if b.get("type") == "string":
+                b["maxLength"] = limits.max_stop_length
+            elif b.get("type") == "array":
+                b["maxItems"] = limits.max_stop_strings
+                b["items"]["maxLength"] = limits.max_stop_length
+    completion = models.get("CompletionRequest", {})
+    # prompts x n <= max_rows_per_request, as one if/then per n where the prompt cap drops.
+    rows, caps = limits.max_rows_per_request, []
+    for n in range(2, min(MAX_N, rows) + 1):
+        if rows // n < rows // (n - 1):
+            many = {"type": "array", "items": {"type": ["string", "array"]}, "maxItems": rows // n}
+            prompt = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}, many]}
+            caps.append({
+                "if": {"properties": {"n": {"minimum": n}}, "required": ["n"]},
+                "then": {"properties": {"prompt": prompt}},
+            })
+    if caps:
+        completion.setdefault("allOf", []).extend(caps)
+    for b in _branches(completion.get("properties", {}).get("prompt", {})):
+        if b.get("type") != "array":
+            continue
+        token_lists = [b] if _is_token_list(b) else [b["items"]] if _is_token_list(b["items"]) else []
+        if not _is_token_list(b):
+            b["maxItems"] = limits.max_rows_per_request  # prompts per request
+        for t in token_lists:
+            t["maxItems"] = limits.max_prompt_tokens
+            if vocab:
+                t["items"]["maximum"] = vocab - 1
 
 
 def create_app(
@@ -544,6 +666,13 @@ def create_app(
         headers = {"Retry-After": str(service.limits.retry_after_s)} if e.status == 429 else None
         return JSONResponse(_error_body(e.message, e.kind, e.param), status_code=e.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (a body that is not JSON, an unknown path, a wrong method) in the
+        # same OpenAI error format as everything else; the Allow header of a 405 is kept.
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(_error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         problems = []
@@ -571,13 +700,24 @@ def create_app(
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "kvgen"}]}
 
-    @app.post("/v1/completions")
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _document_limits(FastAPI.openapi(app), service.limits, service.vocab)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, http: Request) -> Any:
         service._check_rows(service._prompt_count(body.prompt), body.n, "prompt")
         service._check_stops(body.stop)
         service._check_logprobs(body.logprobs, "logprobs")
         prompts = await service.bounded(service._prompts, body.prompt)
-        job = service.job(prompts, body, body.max_tokens, body.logprobs)
+        max_tokens = body.max_tokens
+        if "max_tokens" not in body.model_fields_set:
+            # OpenAI's default of 16, within a server limit below it.
+            max_tokens = min(max_tokens, service.limits.max_tokens_limit)
+        job = service.job(prompts, body, max_tokens, body.logprobs)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": name}
 
@@ -604,7 +744,7 @@ def create_app(
         pieces = 0 if body.logprobs is None else service.usage(job)["completion_tokens"] * (body.logprobs + 1)
         return base | {"choices": await service.bounded(choices, cost=pieces), "usage": service.usage(job)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
@@ -614,6 +754,12 @@ def create_app(
         prompt = await service.bounded(service._chat_prompt, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        limit = service.limits.max_tokens_limit
+        if body.max_tokens is not None and body.max_tokens > limit:
+            # Also when max_completion_tokens takes precedence: the schema bounds both.
+            raise ApiError(
+                400, f"max_tokens={body.max_tokens} exceeds this server's limit of {limit}; ask for fewer tokens", "max_tokens"
+            )
         job = service.job([prompt], body, body.token_budget, top, max_param)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name}
