@@ -13,6 +13,9 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::sampling::processors::{apply, Built, LogitsProcessor, RowContext};
 
+/// Processors that run in order on each row.
+type RowProcessors = Vec<Box<dyn LogitsProcessor>>;
+
 /// What a caller plugs into a request. Both calls get transformers' `input_ids` rows (padded
 /// prompt as given, then the generated tokens; all rows equally long) of the whole request.
 pub trait UserHooks: Send + Sync {
@@ -50,13 +53,13 @@ impl fmt::Debug for HookSet {
 pub struct Hooked {
     set: HookSet,
     /// `segments[g]` runs before group g.
-    segments: Vec<Vec<Box<dyn LogitsProcessor>>>,
+    segments: Vec<RowProcessors>,
 }
 
 /// Splits a request's processors: without hooks everything runs per row as before; with hooks the
 /// returned per-row list holds what follows the last user group (the tail of `pre`, then the
 /// warpers) and `Hooked` the rest.
-pub fn arrange(built: Built, hooks: Option<HookSet>) -> Result<(Vec<Box<dyn LogitsProcessor>>, Option<Hooked>)> {
+pub fn arrange(built: Built, hooks: Option<HookSet>) -> Result<(RowProcessors, Option<Hooked>)> {
     let Built { pre, warpers } = built;
     let Some(set) = hooks else {
         return Ok((pre.into_iter().map(|(_, p)| p).chain(warpers).collect(), None));
@@ -66,7 +69,7 @@ pub fn arrange(built: Built, hooks: Option<HookSet>) -> Result<(Vec<Box<dyn Logi
     if !sorted || set.groups_at.last().is_some_and(|&a| a > n) || set.replaced.iter().any(|&i| i >= n) {
         return Err(Error::Internal(format!("hook plan {set:?} does not fit {n} built-in processors")));
     }
-    let mut segments: Vec<Vec<Box<dyn LogitsProcessor>>> = (0..=set.groups_at.len()).map(|_| Vec::new()).collect();
+    let mut segments: Vec<RowProcessors> = (0..=set.groups_at.len()).map(|_| Vec::new()).collect();
     for (i, (_, p)) in pre.into_iter().enumerate() {
         if set.replaced.contains(&i) {
             continue;
