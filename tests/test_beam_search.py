@@ -96,6 +96,15 @@ def test_plain_sequences_and_transition_scores(hf_model, kv_model):
         to_torch(b.sequences), tuple(to_torch(s) for s in b.scores), to_torch(b.beam_indices).long(), normalize_logits=False
     )
     assert (ta - tb).abs().max().item() <= TOL
+    # kvgen's own compute_transition_scores (no transformers model needed) gives the same.
+    import kvgen
+
+    mine = kvgen.compute_transition_scores(b.sequences, b.scores, b.beam_indices)
+    assert torch.equal(mine, tb), "kvgen.compute_transition_scores equals transformers'"
+    assert torch.equal(gen.compute_transition_scores(b.sequences, b.scores, b.beam_indices), tb)
+    greedy = gen.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    ref = hf.compute_transition_scores(to_torch(greedy.sequences), tuple(to_torch(s) for s in greedy.scores), normalize_logits=True)
+    assert (kvgen.compute_transition_scores(greedy.sequences, greedy.scores, normalize_logits=True) - ref).abs().max() <= 1e-5
     # transformers' reconstruction of sequences_scores from the transition scores.
     length = (to_torch(b.beam_indices) >= 0).sum(1)
     recon = tb.sum(1) / length.float() ** 1.5
@@ -147,3 +156,66 @@ def test_beam_sampling_is_seeded_per_prompt(kv_model):
     assert torch.equal(to_torch(both)[0], to_torch(a)[0]), "a prompt's beams do not depend on the batch"
     draws = {tuple(to_torch(gen.generate(ids, seed=s, **kw))[0].tolist()) for s in range(6)}
     assert len(draws) > 1, "different seeds sample different beams"
+
+
+def _chi2_homogeneity_p(a: list[int], b: list[int]) -> float:
+    """p-value that samples a and b come from one distribution (chi-square test of homogeneity,
+    bins with fewer than 10 pooled draws merged; Wilson-Hilferty approximation of the tail)."""
+    import math
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    keys = sorted(set(ca) | set(cb), key=lambda k: -(ca[k] + cb[k]))
+    bins, rest = [], [0, 0]
+    for k in keys:
+        if ca[k] + cb[k] >= 10:
+            bins.append([ca[k], cb[k]])
+        else:
+            rest[0] += ca[k]
+            rest[1] += cb[k]
+    if sum(rest):
+        bins.append(rest)
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in bins:
+        tot = x + y
+        for obs, n in ((x, na), (y, nb)):
+            exp = tot * n / (na + nb)
+            stat += (obs - exp) ** 2 / exp
+    dof = max(1, len(bins) - 1)
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_beam_sampling_first_choice_matches_transformers_in_distribution(hf_model, kv_model):
+    """Beam sampling cannot match torch's global RNG token for token; its first step's choice
+    (the best of the K candidates drawn without replacement) has transformers' distribution."""
+    hf, gen = hf_model("llama"), kv_model("llama")
+    prompt = torch.tensor(PROMPT)
+    kw = dict(max_new_tokens=1, num_beams=2, do_sample=True, temperature=3.0, top_k=20, eos_token_id=None, pad_token_id=0)
+    n = 300
+    ours = [int(to_torch(gen.generate(prompt, seed=s, **kw))[0, -1]) for s in range(n)]
+    theirs = []
+    for s in range(n):
+        torch.manual_seed(10_000 + s)
+        theirs.append(int(hf_generate(hf, prompt, **kw)[0, -1]))
+    assert len(set(theirs)) >= 5, "the fixture must spread the choice over several tokens"
+    p = _chi2_homogeneity_p(ours, theirs)
+    assert p > 1e-3, f"kvgen's beam-sampling choice differs from transformers' (chi-square p={p:.2g})"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_beam_search_on_the_torch_backend(kind, kvgen, hf_model, kv_model):
+    """The torch backend (libtorch on the CPU here) copies cache rows inside its KV arena: its
+    beams equal transformers' and the native backend's."""
+    if not kvgen._kvgen.HAS_TORCH:
+        pytest.skip("this build has no torch backend (cargo feature `torch`)")
+    hf, native, torch_gen = hf_model(kind), kv_model(kind), kv_model(kind, backend="torch")
+    prompt = torch.tensor(PROMPT)
+    for config in ("b3-lp0.6", "b4-nrs3", "b4-lp2-early"):
+        kw = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+        kw.update(CONFIGS[config])
+        kw["eos_token_id"] = _eos_hit_early(hf, prompt)
+        out = torch_gen.generate(prompt, **kw)
+        _compare(hf_generate(hf, prompt, **kw), out, f"{kind} {config} torch backend")
+        assert torch.equal(to_torch(out.sequences), to_torch(native.generate(prompt, **kw).sequences))

@@ -35,8 +35,8 @@ from .errors import (
 )
 from . import neuron  # kvgen.neuron.export / kvgen.neuron.compile (stdlib only until export runs)
 from .generation_config import GenerationConfig
-from .generator import Generator
-from .outputs import GenerateDecoderOnlyOutput
+from .generator import Generator, compute_transition_scores
+from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .processing import process_logits
 from .seeding import set_seed
 from .tokenizer import Tokenizer
@@ -47,7 +47,9 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "ContextLengthError",
+    "GenerateBeamDecoderOnlyOutput",
     "GenerateDecoderOnlyOutput",
+    "compute_transition_scores",
     "GenerationConfig",
     "Generator",
     "InternalError",

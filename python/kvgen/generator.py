@@ -363,7 +363,11 @@ class Generator:
         seeds = row_seeds(seed, prompt_batch, beams if beams > 1 else n_return) if cfg.do_sample else []
         engine_kwargs = dict(
             max_new_tokens=steps,
-            processor_config_json=processor_config_json(cfg, prompt_length=input_len, max_length=max_length),
+            processor_config_json=processor_config_json(
+                cfg, prompt_length=input_len, max_length=max_length,
+                # transformers: beam sampling's warpers keep len(eos) + 1 tokens at least.
+                min_tokens_to_keep=len(eos_ids) + 1 if beams > 1 and cfg.do_sample else 1,
+            ),
             eos_token_ids=eos_ids,
             pad_token_id=pad_id if eos_ids else None,
             stop_strings=self._stop_strings(cfg),
@@ -549,6 +553,11 @@ class Generator:
             np.ascontiguousarray(prepared.ids), None if mask is None else np.ascontiguousarray(mask, dtype=np.int64)
         )
 
+    def compute_transition_scores(self, sequences: Any, scores: Any, beam_indices: Any = None, normalize_logits: bool = False) -> Any:
+        """transformers' `model.compute_transition_scores`: each generated token's score at its
+        step (its beam's row when `beam_indices` is given; 0 past a beam's end)."""
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
+
     def __repr__(self) -> str:
         return f"Generator({self._engine.model_path!r}, arch={self.config.architectures}, dtype={self.dtype})"
 
@@ -579,3 +588,31 @@ def _refuse_beam_streamer(cfg: GenerationConfig, streamer: Any) -> None:
         raise InvalidInputError(
             "`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1."
         )
+
+
+def compute_transition_scores(sequences: Any, scores: Any, beam_indices: Any = None, normalize_logits: bool = False) -> Any:
+    """transformers' `compute_transition_scores` on kvgen's (or transformers') generate output:
+    (rows, generated) scores of the chosen tokens, torch when the inputs are torch tensors."""
+    is_torch = "torch" in type(sequences).__module__
+    as_np = lambda x: x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)  # noqa: E731
+    seq = as_np(sequences).astype(np.int64)
+    steps = np.stack([as_np(s).astype(np.float32) for s in scores])  # (steps, rows, vocab)
+    if normalize_logits:
+        top = steps.max(axis=-1, keepdims=True)
+        steps = steps - top - np.log(np.exp(steps - top).sum(axis=-1, keepdims=True))
+    if beam_indices is None:
+        beams = np.broadcast_to(np.arange(steps.shape[1])[:, None], (steps.shape[1], steps.shape[0])).copy()
+    else:
+        beams = as_np(beam_indices).astype(np.int64).copy()
+    ended = beams < 0
+    length = int((~ended).sum(-1).max()) if beams.size else 0
+    beams, ended = beams[:, :length], ended[:, :length]
+    beams[ended] = 0
+    tokens = seq[:, seq.shape[1] - length:]
+    out = steps[np.arange(length)[None, :], beams, tokens]
+    out[ended] = 0
+    if is_torch:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(out))
+    return out

@@ -92,7 +92,7 @@ def _sequence_bias(value: Any) -> list | None:
     return out
 
 
-def processor_config_json(cfg: GenerationConfig, prompt_length: int, max_length: int | None) -> str:
+def processor_config_json(cfg: GenerationConfig, prompt_length: int, max_length: int | None, min_tokens_to_keep: int = 1) -> str:
     """The ProcessorConfig JSON (src/sampling/config.rs) for a merged GenerationConfig.
 
     `prompt_length`: padded prompt width (transformers' input_ids_seq_length); `max_length`: the final
@@ -143,6 +143,7 @@ def processor_config_json(cfg: GenerationConfig, prompt_length: int, max_length:
         "top_k": top_k if do_sample else None,
         "renormalize_logits": get("renormalize_logits") is True,
         "prompt_length": int(prompt_length),
+        "min_tokens_to_keep": int(min_tokens_to_keep),
     }
     return json.dumps(out)
 

@@ -36,4 +36,7 @@ pub struct ProcessorConfig {
     pub renormalize_logits: bool,
     /// Padded prompt width (transformers' `input_ids_seq_length`).
     pub prompt_length: usize,
+    /// Tokens top-k / top-p / typical always keep: 1, or len(eos ids) + 1 for beam sampling (as
+    /// transformers sets it). 0 means 1.
+    pub min_tokens_to_keep: usize,
 }

@@ -32,8 +32,6 @@ pub fn apply(list: &[Box<dyn LogitsProcessor>], ctx: &RowContext, scores: &mut [
     }
 }
 
-/// min_tokens_to_keep: 1 without beam search (kvgen has none).
-const MIN_KEEP: usize = 1;
 
 /// The processors transformers' `generate()` would build for `cfg` (decoder-only, greedy or
 /// sampling, no beams), for scores of `vocab_size` entries. Errors are `Error::InvalidInput` naming
@@ -70,6 +68,7 @@ pub fn build_split(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Built> {
         list.iter().map(|&t| check_id(name, t, vocab_size)).collect()
     };
     let eos = ids("eos_token_id", &cfg.eos_token_id)?;
+    let min_keep = cfg.min_tokens_to_keep.max(1);
     let mut pre: Vec<(&'static str, Box<dyn LogitsProcessor>)> = Vec::new();
     let mut warpers: Vec<Box<dyn LogitsProcessor>> = Vec::new();
 
@@ -203,7 +202,7 @@ pub fn build_split(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Built> {
         }
         if let Some(k) = cfg.top_k {
             if k != 0 {
-                warpers.push(Box::new(TopK(k.max(MIN_KEEP))));
+                warpers.push(Box::new(TopK(k.max(min_keep))));
             }
         }
         if let Some(p) = cfg.top_p {
@@ -215,7 +214,7 @@ pub fn build_split(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Built> {
                 "1.0 disables nucleus sampling; pass e.g. top_p=0.9",
             )?;
             if p < 1.0 {
-                warpers.push(Box::new(TopP { top_p: p, min_keep: MIN_KEEP }));
+                warpers.push(Box::new(TopP { top_p: p, min_keep }));
             }
         }
         if let Some(p) = cfg.min_p {
@@ -225,7 +224,7 @@ pub fn build_split(cfg: &ProcessorConfig, vocab_size: usize) -> Result<Built> {
         if let Some(p) = cfg.typical_p {
             check_range("typical_p", p, p > 0.0 && p <= 1.0, "(0, 1]", "1.0 disables it; pass e.g. typical_p=0.9")?;
             if p < 1.0 {
-                warpers.push(Box::new(Typical { mass: p, min_keep: MIN_KEEP }));
+                warpers.push(Box::new(Typical { mass: p, min_keep }));
             }
         }
         if let Some(e) = cfg.epsilon_cutoff {

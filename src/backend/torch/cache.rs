@@ -254,6 +254,27 @@ impl KvArena {
     /// Frees a slot's row and gives memory back: the whole bucket when it was its last slot,
     /// else spare rows when `should_shrink` says so. Best effort: a copy that cannot be made
     /// leaves the memory held until a later release.
+    /// Beam search: the first `positions` positions of `dst`'s row become a copy of `src`'s, in
+    /// every layer (the rows may sit in buckets of different capacities). No allocation.
+    pub fn copy_prefix(&mut self, src: SlotId, dst: SlotId, positions: usize) -> Result<()> {
+        let (Some(from), Some(to)) = (self.locate(src), self.locate(dst)) else {
+            return Err(Error::Internal(format!("copy_prefix {src} -> {dst}: a slot is not allocated")));
+        };
+        if positions > from.capacity.min(to.capacity) {
+            return Err(Error::Internal(format!("copy_prefix of {positions} positions between rows of {} and {}", from.capacity, to.capacity)));
+        }
+        for layer in 0..self.geo.n_layers {
+            let (sk, sv) = self.layer_mut(from.bucket, layer).map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))?;
+            let (dk, dv) = self.layer_mut(to.bucket, layer).map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))?;
+            for (s, d) in [(sk, dk), (sv, dv)] {
+                let part = |t: &Tensor, row: usize| t.f_narrow(0, row as i64, 1).and_then(|r| r.f_narrow(2, 0, positions as i64));
+                let from_part = part(&s, from.row).map_err(super::tch_err)?;
+                part(&d, to.row).and_then(|mut t| t.f_copy_(&from_part)).map_err(super::tch_err)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn release(&mut self, slot: SlotId) {
         let Some(loc) = self.slots.get_mut(slot).and_then(Option::take) else { return };
         while self.slots.last().is_some_and(Option::is_none) {

@@ -241,6 +241,11 @@ impl Backend for TorchBackend {
         st.prune_graphs();
     }
 
+    fn copy_slot(&self, src: SlotId, dst: SlotId, positions: usize) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        self.lock().arena.copy_prefix(src, dst, positions)
+    }
+
     fn cache_bytes_per_position(&self) -> usize {
         self.lock().arena.bytes_per_position()
     }
