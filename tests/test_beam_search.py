@@ -30,6 +30,7 @@ CONFIGS = {
     "b3-ngram2": dict(num_beams=3, no_repeat_ngram_size=2),
     "b3-rep1.3": dict(num_beams=3, repetition_penalty=1.3),
     "b2-min10": dict(num_beams=2, min_new_tokens=10),
+    "b3-two-eos": dict(num_beams=3, length_penalty=1.2),
 }
 
 
@@ -56,13 +57,16 @@ def _compare(a, b, what: str) -> None:
 
 
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
-@pytest.mark.parametrize("kind", [k for k in ALL_KINDS if k != "llama_dynamic_rope"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_beam_search_matches_transformers(kind, config, hf_model, kv_model):
     hf, gen = hf_model(kind), kv_model(kind)
     prompt = torch.tensor(PROMPT)
     kw = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
     kw.update(CONFIGS[config])
     kw["eos_token_id"] = _eos_hit_early(hf, prompt)
+    if config == "b3-two-eos":
+        # Two eos ids: K = max(2, 1 + 2) * num_beams candidates; either id finishes a beam.
+        kw["eos_token_id"] = [kw["eos_token_id"], _eos_hit_early(hf, prompt[:, :-2])]
     _compare(hf_generate(hf, prompt, **kw), gen.generate(prompt, **kw), f"{kind} {config}")
 
 
@@ -219,3 +223,31 @@ def test_beam_search_on_the_torch_backend(kind, kvgen, hf_model, kv_model):
         out = torch_gen.generate(prompt, **kw)
         _compare(hf_generate(hf, prompt, **kw), out, f"{kind} {config} torch backend")
         assert torch.equal(to_torch(out.sequences), to_torch(native.generate(prompt, **kw).sequences))
+
+
+def test_beam_search_with_user_processors_matches_transformers(hf_model, kv_model, hf_tok):
+    """A user LogitsProcessor and prefix_allowed_tokens_fn with beams, on a left-padded batch: they
+    see log-probabilities of every beam row (batch x num_beams), as in transformers."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PreferEven(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            bonus = torch.zeros_like(scores)
+            bonus[:, ::2] = 0.5 * (input_ids[:, -1:] % 3).float()
+            return scores + bonus
+
+    def allowed(batch_id, ids):
+        return list(range(batch_id * 7, batch_id * 7 + 200))
+
+    hf, gen = hf_model("llama"), kv_model("llama")
+    enc = hf_tok(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    for hooks in (dict(logits_processor=LogitsProcessorList([PreferEven()])), dict(prefix_allowed_tokens_fn=allowed)):
+        a = hf_generate(hf, **enc, **kw, **hooks)
+        b = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw, **hooks)
+        assert torch.equal(to_torch(b.sequences), a.sequences), f"{list(hooks)}"
+        assert (to_torch(b.sequences_scores) - a.sequences_scores).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="stopping_criteria with num_beams"):
+        from transformers import MaxLengthCriteria, StoppingCriteriaList
+
+        gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=2, stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(30)]))

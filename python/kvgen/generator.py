@@ -386,7 +386,7 @@ class Generator:
                 "num_return_sequences": n_return,
                 "fill_value": int(fill),
             })
-        self._attach_hooks(engine_kwargs, hook_args, prepared, n_return, input_len)
+        self._attach_hooks(engine_kwargs, hook_args, prepared, beams if beams > 1 else n_return, input_len)
         return _Call(
             prepared=prepared,
             ids=np.ascontiguousarray(ids),
@@ -410,10 +410,10 @@ class Generator:
         )
         if runner is None:
             return
-        if "beam_json" in engine_kwargs:
+        if "beam_json" in engine_kwargs and runner.has_criteria:
             raise InvalidInputError(
-                "logits_processor / stopping_criteria / prefix_allowed_tokens_fn with num_beams > 1 are not supported "
-                "yet; use them with num_beams=1, or drop them for beam search"
+                "stopping_criteria with num_beams > 1 are not supported yet (beam search checks criteria on every "
+                "candidate continuation); use them with num_beams=1, or stop with eos_token_id / stop_strings"
             )
         engine_kwargs["hooks"] = runner
         if "StopStringCriteria" in replaced:

@@ -358,10 +358,14 @@ impl Request {
         if self.params.output_logits {
             self.out.logits.push(copy_of(&self.step_logits)?);
         }
-        // log_softmax first, then the processors: they see log-probabilities.
+        // log_softmax first, then the processors: they see log-probabilities. User hooks run
+        // batch-wide in their place among the built-ins (then the per-row rest).
+        self.step_logits.par_chunks_mut(vocab).for_each(sampling::log_softmax_in_place);
+        if let Some(h) = &self.hooked {
+            h.process(&self.hf_rows, &self.ignore_prefix, &mut self.step_logits, vocab)?;
+        }
         let (processors, hf_rows, ignore_prefix) = (&self.processors, &self.hf_rows, &self.ignore_prefix);
         self.step_logits.par_chunks_mut(vocab).enumerate().for_each(|(r, row)| {
-            sampling::log_softmax_in_place(row);
             let ctx = RowContext { input_ids: &hf_rows[r], ignore_prefix: ignore_prefix[r] };
             sampling::processors::apply(processors, &ctx, row);
         });

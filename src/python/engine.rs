@@ -136,7 +136,11 @@ impl PyEngine {
         };
         let mut hook_error = None;
         if let Some(runner) = hooks {
-            let prompt: Vec<i64> = input_ids.as_array().iter().copied().collect();
+            // Beam search runs num_beams rows per prompt: the hooks see each prompt once per beam.
+            let beams = params.beam.as_ref().map_or(1, |b| b.num_beams);
+            let view = input_ids.as_array();
+            let prompt: Vec<i64> =
+                view.rows().into_iter().flat_map(|row| (0..beams).flat_map(move |_| row.into_iter().copied())).collect();
             let width = input_ids.shape()[1];
             let (set, error) = PyHooks::hook_set(input_ids.py(), runner, prompt, width, vocab)?;
             params.hooks = Some(set);
