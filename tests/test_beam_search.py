@@ -247,7 +247,18 @@ def test_beam_search_with_user_processors_matches_transformers(hf_model, kv_mode
         b = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw, **hooks)
         assert torch.equal(to_torch(b.sequences), a.sequences), f"{list(hooks)}"
         assert (to_torch(b.sequences_scores) - a.sequences_scores).abs().max().item() <= TOL
-    with pytest.raises(ValueError, match="stopping_criteria with num_beams"):
-        from transformers import MaxLengthCriteria, StoppingCriteriaList
+    # A user stopping criterion is checked on every candidate continuation, as transformers does.
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
-        gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=2, stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(30)]))
+    class EndsOnMultipleOf7(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, -1] % 7) == 0
+
+    crit = dict(stopping_criteria=StoppingCriteriaList([EndsOnMultipleOf7()]))
+    a = hf_generate(hf, **enc, **kw, **crit)
+    b = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw, **crit)
+    assert torch.equal(to_torch(b.sequences), a.sequences), "user stopping criteria with beams"
+    plain = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    assert not torch.equal(to_torch(plain.sequences), to_torch(b.sequences)), "the criterion must end some beams"
+    assert torch.equal(to_torch(b.beam_indices).long(), a.beam_indices.long())
+    assert (to_torch(b.sequences_scores) - a.sequences_scores).abs().max().item() <= TOL

@@ -410,11 +410,6 @@ class Generator:
         )
         if runner is None:
             return
-        if "beam_json" in engine_kwargs and runner.has_criteria:
-            raise InvalidInputError(
-                "stopping_criteria with num_beams > 1 are not supported yet (beam search checks criteria on every "
-                "candidate continuation); use them with num_beams=1, or stop with eos_token_id / stop_strings"
-            )
         engine_kwargs["hooks"] = runner
         if "StopStringCriteria" in replaced:
             engine_kwargs["stop_strings"] = []

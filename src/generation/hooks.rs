@@ -22,7 +22,9 @@ pub trait UserHooks: Send + Sync {
     /// Runs processor group `group` (see `HookSet::groups_at`) over `scores`, rows x vocab.
     fn process(&self, group: usize, rows: &[Vec<u32>], scores: &mut [f32]) -> Result<()>;
     /// Per row, whether a user criterion says stop; `scores` are the step's processed scores.
-    fn stop(&self, rows: &[Vec<u32>], scores: &[f32]) -> Result<Vec<bool>>;
+    /// `prompt_of[i]` is the request row whose prompt `rows[i]` continues (beam search checks
+    /// more candidate continuations than it has rows).
+    fn stop(&self, rows: &[Vec<u32>], prompt_of: &[usize], scores: &[f32]) -> Result<Vec<bool>>;
 }
 
 /// A request's hooks and where they go among the built-in processors (`Built::pre`).
@@ -99,11 +101,19 @@ impl Hooked {
     }
 
     /// Ends the rows a user criterion stops (after the built-in checks, as transformers ORs them).
-    pub fn stop(&self, rows: &[Vec<u32>], scores: &[f32], unfinished: &mut [bool]) -> Result<()> {
+    pub fn stop(&self, rows: &[Vec<u32>], prompt_of: Option<&[usize]>, scores: &[f32], unfinished: &mut [bool]) -> Result<()> {
         if !self.set.has_criteria {
             return Ok(());
         }
-        let stops = self.set.hooks.stop(rows, scores)?;
+        let identity: Vec<usize>;
+        let prompt_of = match prompt_of {
+            Some(p) => p,
+            None => {
+                identity = (0..rows.len()).collect();
+                &identity
+            }
+        };
+        let stops = self.set.hooks.stop(rows, prompt_of, scores)?;
         if stops.len() != unfinished.len() {
             return Err(Error::Internal(format!("stopping criteria gave {} flags for {} rows", stops.len(), unfinished.len())));
         }
@@ -127,7 +137,7 @@ mod tests {
             scores[0] += 10.0 * (group + 1) as f32;
             Ok(())
         }
-        fn stop(&self, rows: &[Vec<u32>], _: &[f32]) -> Result<Vec<bool>> {
+        fn stop(&self, rows: &[Vec<u32>], _: &[usize], _: &[f32]) -> Result<Vec<bool>> {
             Ok(rows.iter().map(|r| r.last() == Some(&7)).collect())
         }
     }
@@ -162,7 +172,7 @@ mod tests {
         assert_eq!(scores[0], 265.0);
         assert_eq!(*rec.0.lock().unwrap(), vec!["g0:1", "g1:33"]);
         let mut unfinished = vec![true];
-        hooked.stop(&rows, &scores, &mut unfinished).unwrap();
+        hooked.stop(&rows, None, &scores, &mut unfinished).unwrap();
         assert_eq!(unfinished, vec![false]);
     }
 

@@ -261,7 +261,7 @@ impl Request {
             }
         }
         if let Some(h) = &self.hooked {
-            h.stop(&self.hf_rows, &self.step_logits, &mut self.unfinished)?;
+            h.stop(&self.hf_rows, None, &self.step_logits, &mut self.unfinished)?;
         }
         self.step += 1;
         if !self.unfinished.iter().any(|&u| u) || self.step >= self.params.max_new_tokens {
@@ -375,8 +375,10 @@ impl Request {
         let eos = &self.params.eos_token_ids;
         let k = search.candidates_per_prompt(eos.len());
         let last_step = step + 1 >= self.params.max_new_tokens;
-        let mut sources = Vec::with_capacity(rows);
-        let mut all_stopped = true;
+        // Every prompt's K candidates and whether each hits a criterion (eos, max length, stop
+        // strings, then the user's criteria on all candidates at once).
+        let mut all_cands = Vec::with_capacity(rows / n);
+        let mut all_stops = Vec::with_capacity(rows / n);
         for p in 0..rows / n {
             let block = &self.step_logits[p * n * vocab..(p + 1) * n * vocab];
             let cands: Vec<Candidate> = match self.rngs[p * n].as_mut() {
@@ -395,8 +397,34 @@ impl Request {
                 }
                 stopped.push(hit);
             }
+            all_cands.push(cands);
+            all_stops.push(stopped);
+        }
+        if let Some(h) = &self.hooked {
+            let mut cand_rows = Vec::new();
+            let mut prompt_of = Vec::new();
+            for (p, cands) in all_cands.iter().enumerate() {
+                for c in cands {
+                    let mut row = self.hf_rows[p * n + c.beam].clone();
+                    row.push(c.token);
+                    cand_rows.push(row);
+                    prompt_of.push(p * n);
+                }
+            }
+            let mut go_on = vec![true; cand_rows.len()];
+            h.stop(&cand_rows, Some(&prompt_of), &self.step_logits, &mut go_on)?;
+            let mut it = go_on.into_iter();
+            for stopped in &mut all_stops {
+                for s in stopped.iter_mut() {
+                    *s |= !it.next().unwrap_or(true);
+                }
+            }
+        }
+        let mut sources = Vec::with_capacity(rows);
+        let mut all_stopped = true;
+        for (p, (cands, stopped)) in all_cands.iter().zip(&all_stops).enumerate() {
             all_stopped &= stopped.iter().all(|&x| x);
-            sources.extend(search.update(p, &cands, &stopped).into_iter().map(|b| p * n + b));
+            sources.extend(search.update(p, cands, stopped).into_iter().map(|b| p * n + b));
         }
         search.finish_step(all_stopped);
         // Every row now continues its source's history with its new token.

@@ -46,11 +46,14 @@ impl PyHooks {
     }
 
     /// transformers' `input_ids` of this step: (batch, cur_len) int64.
-    fn input_ids<'py>(&self, py: Python<'py>, rows: &[Vec<u32>]) -> PyResult<Bound<'py, PyAny>> {
+    fn input_ids<'py>(&self, py: Python<'py>, rows: &[Vec<u32>], prompt_of: Option<&[usize]>) -> PyResult<Bound<'py, PyAny>> {
         let cur = rows.first().map_or(self.width, Vec::len);
         let mut flat = Vec::with_capacity(rows.len() * cur);
-        for (r, row) in rows.iter().enumerate() {
-            flat.extend_from_slice(&self.prompt[r * self.width..(r + 1) * self.width]);
+        for (i, row) in rows.iter().enumerate() {
+            let r = prompt_of.map_or(i, |p| p.get(i).copied().unwrap_or(usize::MAX));
+            let prompt = self.prompt.get(r.saturating_mul(self.width)..r.saturating_mul(self.width).saturating_add(self.width));
+            let prompt = prompt.ok_or_else(|| crate::python::errors::to_py(Error::Internal(format!("hook row {i}: no prompt row {r}"))))?;
+            flat.extend_from_slice(prompt);
             flat.extend(row[self.width.min(row.len())..].iter().map(|&t| i64::from(t)));
         }
         if flat.len() != rows.len() * cur {
@@ -76,7 +79,7 @@ impl PyHooks {
 impl UserHooks for PyHooks {
     fn process(&self, group: usize, rows: &[Vec<u32>], scores: &mut [f32]) -> Result<()> {
         Python::attach(|py| -> PyResult<()> {
-            let ids = self.input_ids(py, rows)?;
+            let ids = self.input_ids(py, rows, None)?;
             let arr = self.scores(py, scores)?;
             // The runner returns a C-contiguous float32 (batch, vocab) array or raises.
             let out = self.runner.bind(py).call_method1("process", (group, ids, arr))?;
@@ -95,9 +98,9 @@ impl UserHooks for PyHooks {
         .map_err(|e| self.carry("a logits processor", e))
     }
 
-    fn stop(&self, rows: &[Vec<u32>], scores: &[f32]) -> Result<Vec<bool>> {
+    fn stop(&self, rows: &[Vec<u32>], prompt_of: &[usize], scores: &[f32]) -> Result<Vec<bool>> {
         Python::attach(|py| -> PyResult<Vec<bool>> {
-            let ids = self.input_ids(py, rows)?;
+            let ids = self.input_ids(py, rows, Some(prompt_of))?;
             let arr = self.scores(py, scores)?;
             // The runner returns one bool per row (a numpy bool array) or raises.
             let out = self.runner.bind(py).call_method1("stop", (ids, arr))?;
