@@ -74,17 +74,25 @@ pub struct BeamSearch {
     pub done: bool,
 }
 
-/// The indices of the `k` largest values, largest first (ties: lower index first).
+/// The indices of the `k` largest values, largest first (ties: lower index first). One pass
+/// keeping the best k in a small sorted list: k is a few beams, the values num_beams x vocab.
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
     let k = k.min(values.len());
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
+    if k == 0 {
+        return Vec::new();
     }
-    idx.sort_by(cmp);
-    idx
+    // Sorted best first; (value, index) compares by value desc, then index asc.
+    let better = |a: (f32, usize), b: (f32, usize)| a.0.total_cmp(&b.0).reverse().then(a.1.cmp(&b.1)).is_lt();
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == k && !better((v, i), best[k - 1]) {
+            continue;
+        }
+        let at = best.partition_point(|&b| better(b, (v, i)));
+        best.insert(at, (v, i));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(_, i)| i).collect()
 }
 
 impl BeamSearch {
