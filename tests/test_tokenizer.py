@@ -432,3 +432,20 @@ def test_batch_encoding_behaves_like_dict(pair):
     import pickle
 
     assert pickle.loads(pickle.dumps(enc)) == enc
+
+
+def test_ids_beyond_the_tokenizer_decode_to_empty_with_one_warning(tokenizer_dir):
+    """A model's embedding may have more rows than its tokenizer has ids (Gemma 3: 262,208 vs
+    262,144); a sampled id past the tokenizer decodes to "" with one warning, never a crash."""
+    import warnings
+
+    import kvgen
+
+    tok = kvgen.Tokenizer.from_pretrained(tokenizer_dir)
+    n = len(tok)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert tok.decode([n + 3]) == ""
+        assert tok.decode([5, n, 6]) == tok.decode([5, 6])
+        assert tok.batch_decode([[n + 1], [5]]) == ["", tok.decode([5])]
+    assert len([w for w in seen if "has no token in the tokenizer" in str(w.message)]) == 1

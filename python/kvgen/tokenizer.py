@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -166,6 +167,7 @@ class Tokenizer:
         self.model_max_length = int(mml) if mml is not None else VERY_LARGE_INTEGER
         self._chat_template_override = _UNSET
         self.clean_up_tokenization_spaces = False
+        self._warned_unknown_id = False
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "Tokenizer":
@@ -398,8 +400,12 @@ class Tokenizer:
         if isinstance(ids, int):
             ids = [ids]
         if isinstance(ids, list) and ids and isinstance(ids[0], list):
-            return self._tok.decode_batch([_check_ids(s) for s in ids], skip_special_tokens)
-        return self._tok.decode(_check_ids(ids), skip_special_tokens)
+            seqs = [_check_ids(s) for s in ids]
+            self._note_unknown(seqs)
+            return self._tok.decode_batch(seqs, skip_special_tokens)
+        checked = _check_ids(ids)
+        self._note_unknown([checked])
+        return self._tok.decode(checked, skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         seqs = _to_py_ids(sequences)
@@ -407,7 +413,24 @@ class Tokenizer:
             seqs = [[seqs]]
         if seqs and not isinstance(seqs[0], list):  # a flat list decodes token by token, as in HF
             seqs = [[s] for s in seqs]
-        return self._tok.decode_batch([_check_ids(s) for s in seqs], skip_special_tokens)
+        checked = [_check_ids(s) for s in seqs]
+        self._note_unknown(checked)
+        return self._tok.decode_batch(checked, skip_special_tokens)
+
+    def _note_unknown(self, seqs: list) -> None:
+        """Ids the tokenizer has no token for (a model's embedding can have more rows than its
+        tokenizer has ids: Gemma 3's 262,208 vs 262,144) decode to the empty string; warn once."""
+        if self._warned_unknown_id:
+            return
+        n = len(self)
+        bad = next((i for s in seqs for i in s if i >= n), None)
+        if bad is not None:
+            self._warned_unknown_id = True
+            warnings.warn(
+                f"token id {bad} has no token in the tokenizer ({n} ids); it decodes to the empty string (ids the "
+                "model's embedding has beyond the tokenizer's); this warning is shown once",
+                stacklevel=3,
+            )
 
     def _truncation_length(self, truncation, max_length) -> int | None:
         if truncation in (None, False, "do_not_truncate"):
