@@ -1,4 +1,5 @@
-"""Argument checks for device="neuron" (Generator.from_pretrained) and the XLA:CPU worker's command."""
+"""Argument checks for device="neuron" (Generator.from_pretrained) and the XLA:CPU worker's command.
+The integer checks are kvgen.neuron.export's (one set of rules); ranges are checked in Rust."""
 
 from __future__ import annotations
 
@@ -7,15 +8,9 @@ import sys
 from typing import Any
 
 from .errors import InvalidInputError
+from .neuron import _int_list, _positive_int
 
 EXECUTORS = ("nrt", "xla-cpu")
-
-
-def _sizes(name: str, value: Any, *, limit: int) -> list[int]:
-    items = [value] if isinstance(value, int) else list(value)
-    if not items or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit for v in items):
-        raise InvalidInputError(f"{name}={value!r} must be one or more integers from 1 to {limit}, e.g. (1,) or (1, 4)")
-    return sorted(set(items))
 
 
 def xla_worker_command() -> list[str]:
@@ -29,9 +24,10 @@ def set_options(executor: str, neuron_dir: Any, batch_sizes: Any, buckets: Any, 
             f"neuron_executor={executor!r} is not a Neuron executor; use \"nrt\" (NeuronCores through libnrt) or "
             "\"xla-cpu\" (the same graphs on XLA's CPU backend)"
         )
-    batch = _sizes("batch_sizes", batch_sizes, limit=256)
-    bucket_list = None if buckets is None else _sizes("buckets", buckets, limit=1 << 20)
-    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1):
-        raise InvalidInputError(f"max_context={max_context!r} must be a positive integer (cache positions per sequence)")
+    batch = _int_list([batch_sizes] if isinstance(batch_sizes, int) else batch_sizes, "batch_sizes",
+                      "pass the batch sizes to run, e.g. batch_sizes=(1, 4)")
+    bucket_list = None if buckets is None else _int_list(buckets, "buckets", "pass the prompt lengths, e.g. buckets=(128, 512)")
+    if max_context is not None:
+        max_context = _positive_int(max_context, "max_context", "pass the longest prompt + generation, e.g. 2048")
     d = None if neuron_dir is None else os.fspath(neuron_dir)
-    return (executor, d, batch, bucket_list, max_context, xla_worker_command())
+    return (executor, d, sorted(set(batch)), bucket_list, max_context, xla_worker_command())
