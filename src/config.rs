@@ -12,6 +12,8 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Architecture {
@@ -20,6 +22,8 @@ impl Architecture {
         ("MistralForCausalLM", Architecture::Mistral),
         ("Qwen2ForCausalLM", Architecture::Qwen2),
         ("Qwen3ForCausalLM", Architecture::Qwen3),
+        ("Gemma2ForCausalLM", Architecture::Gemma2),
+        ("Gemma3ForCausalLM", Architecture::Gemma3),
     ];
 
     pub fn from_hf_name(name: &str) -> Result<Self> {
@@ -47,6 +51,22 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+/// What the Gemma family adds to the Llama forward (transformers' Gemma2/Gemma3 modeling).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmaConfig {
+    /// The embedding is multiplied by sqrt(hidden_size) (in f32, as transformers' f32 buffer).
+    pub embed_scale: f32,
+    /// Attention scores are scaled by query_pre_attn_scalar^-0.5, not head_dim^-0.5.
+    pub attn_scale: f32,
+    /// Gemma 2's attention logit softcapping (Gemma 3 does not apply it).
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    /// Gemma 3: the sliding layers' rope theta (a second rope, rotary index 1).
+    pub local_rope_theta: Option<f64>,
+    /// Rotary index per layer: 0 = the config's rope (full layers), 1 = the local rope.
+    pub layer_rope: Vec<usize>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -71,6 +91,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Sliding window per layer (None = full attention).
     pub layer_windows: Vec<Option<usize>>,
+    /// Gemma 2/3 forward settings; None for the Llama family.
+    pub gemma: Option<GemmaConfig>,
     /// The checkpoint's dtype name as written in config.json (torch_dtype / dtype).
     pub dtype_name: Option<String>,
     /// The whole config.json, for `gen.config`.
@@ -174,6 +196,8 @@ impl Architecture {
             Architecture::Llama => 2048,
             Architecture::Mistral => 131072,
             Architecture::Qwen2 | Architecture::Qwen3 => 32768,
+            Architecture::Gemma2 => 8192,
+            Architecture::Gemma3 => 131072,
         }
     }
 }
@@ -247,6 +271,8 @@ impl ModelConfig {
                     "mistral" => Some("MistralForCausalLM".to_string()),
                     "qwen2" => Some("Qwen2ForCausalLM".to_string()),
                     "qwen3" => Some("Qwen3ForCausalLM".to_string()),
+                    "gemma2" => Some("Gemma2ForCausalLM".to_string()),
+                    "gemma3_text" => Some("Gemma3ForCausalLM".to_string()),
                     _ => None,
                 })
             })
@@ -281,16 +307,18 @@ impl ModelConfig {
                 origin.fix
             )));
         }
+        let is_gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        // Gemma2Config/Gemma3TextConfig default head_dim to 256, not hidden / heads.
         let head_dim = f
             .uint("head_dim", 1, MAX_HEAD_DIM, "released models have at most 256")?
-            .unwrap_or(hidden_size / num_attention_heads);
+            .unwrap_or(if is_gemma { 256 } else { hidden_size / num_attention_heads });
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(Error::invalid(format!(
                 "head_dim {head_dim} must be even and positive (RoPE rotates pairs); {}",
                 origin.fix
             )));
         }
-        let tie_word_embeddings = f.bool("tie_word_embeddings")?.unwrap_or(false);
+        let tie_word_embeddings = f.bool("tie_word_embeddings")?.unwrap_or(is_gemma);
         check_sizes(
             &Sizes {
                 hidden: hidden_size,
@@ -305,10 +333,14 @@ impl ModelConfig {
             origin,
         )?;
         let max_pos = f.uint("max_position_embeddings", 1, MAX_CONTEXT, "Llama 4 Scout has 10485760")?;
-        let (rope_theta, rope_scaling) = parse_rope(&f)?;
+        let (rope_theta, rope_scaling) = match architecture {
+            Architecture::Gemma3 => parse_gemma3_global_rope(&f)?,
+            _ => parse_rope(&f)?,
+        };
         let is_qwen2 = architecture == Architecture::Qwen2;
         let attention_bias = f.bool("attention_bias")?.unwrap_or(false);
         let layer_windows = parse_windows(&f, architecture, num_hidden_layers)?;
+        let gemma = if is_gemma { Some(parse_gemma(&f, architecture, hidden_size, &layer_windows)?) } else { None };
         let dtype_name =
             raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
         let rms_norm_eps = f.float("rms_norm_eps", |x| x >= 0.0, "a finite number >= 0 (typically 1e-5 or 1e-6)")?;
@@ -329,8 +361,9 @@ impl ModelConfig {
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
             mlp_bias: f.bool("mlp_bias")?.unwrap_or(false),
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
             layer_windows,
+            gemma,
             dtype_name,
             raw: Value::Null,
         };
@@ -417,6 +450,99 @@ fn parse_windows(f: &Fields, arch: Architecture, n_layers: usize) -> Result<Vec<
             (0..n_layers).map(|i| if i >= max_window_layers { window } else { None }).collect()
         }
         Architecture::Llama => vec![None; n_layers],
+        Architecture::Gemma2 | Architecture::Gemma3 => {
+            // Gemma2Config/Gemma3TextConfig default the window to 4096.
+            let window = window()?.unwrap_or(4096);
+            gemma_layer_types(f, arch, n_layers)?.into_iter().map(|sliding| sliding.then_some(window)).collect()
+        }
+    })
+}
+
+/// Which layers slide: `layer_types` (5.x) or the 4.x `sliding_window_pattern` (Gemma 3, default 6:
+/// layer i slides unless (i + 1) % pattern == 0); Gemma 2 alternates (layer 0 slides).
+fn gemma_layer_types(f: &Fields, arch: Architecture, n_layers: usize) -> Result<Vec<bool>> {
+    if let Some(types) = f.present("layer_types") {
+        let list = types.as_array().filter(|a| a.len() == n_layers).ok_or_else(|| {
+            f.bad("layer_types", types, &format!("a list of num_hidden_layers = {n_layers} layer types"))
+        })?;
+        return list
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(f.bad("layer_types", types, "a list of \"sliding_attention\" / \"full_attention\"")),
+            })
+            .collect();
+    }
+    let pattern = match arch {
+        Architecture::Gemma3 => f.uint("sliding_window_pattern", 1, limits::MAX_LAYERS, "Gemma 3 uses 6")?.unwrap_or(6),
+        _ => 2,
+    };
+    Ok((0..n_layers).map(|i| (i + 1) % pattern != 0).collect())
+}
+
+/// Gemma 3's full-attention rope: 5.x `rope_parameters["full_attention"]`, or the 4.x
+/// `rope_theta` + `rope_scaling` (theta default 1e6).
+fn parse_gemma3_global_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
+    let per_type = f.raw.get("rope_parameters").and_then(|p| p.get("full_attention"));
+    let mut params = match per_type {
+        Some(full) => serde_json::json!({ "rope_parameters": full }),
+        None => f.raw.clone(),
+    };
+    let has_theta = |v: &Value| v.get("rope_parameters").and_then(|p| p.get("rope_theta")).is_some() || v.get("rope_theta").is_some();
+    if !has_theta(&params) {
+        if let Some(o) = params.as_object_mut() {
+            o.insert("rope_theta".into(), Value::from(1e6));
+        }
+    }
+    parse_rope(&f.sub(&params))
+}
+
+fn parse_gemma(f: &Fields, arch: Architecture, hidden: usize, windows: &[Option<usize>]) -> Result<GemmaConfig> {
+    let act = f.present("hidden_activation").or_else(|| f.present("hidden_act"));
+    if let Some(a) = act.filter(|a| a.as_str() != Some("gelu_pytorch_tanh")) {
+        let key = if f.present("hidden_activation").is_some() { "hidden_activation" } else { "hidden_act" };
+        return Err(f.bad(key, a, "\"gelu_pytorch_tanh\" (the only activation Gemma checkpoints use)"));
+    }
+    if f.bool("use_bidirectional_attention")?.unwrap_or(false) {
+        return Err(Error::invalid(
+            "use_bidirectional_attention = true (an EmbeddingGemma encoder) is not a causal language model; kvgen \
+             generates with causal Gemma checkpoints only",
+        ));
+    }
+    let positive = |x: f64| x > 0.0;
+    let scalar = f.float("query_pre_attn_scalar", positive, "a finite number > 0 (Gemma uses 256 or hidden/heads)")?.unwrap_or(256.0);
+    let cap = |key: &str, default: Option<f64>| -> Result<Option<f32>> {
+        // An explicit null turns a softcap off; absent takes the class default.
+        if f.raw.get(key).is_some_and(Value::is_null) {
+            return Ok(None);
+        }
+        Ok(f.float(key, positive, "a finite number > 0, or null for none")?.or(default).map(|c| c as f32))
+    };
+    let (attn_softcap, final_softcap, local_rope_theta) = match arch {
+        Architecture::Gemma2 => (cap("attn_logit_softcapping", Some(50.0))?, cap("final_logit_softcapping", Some(30.0))?, None),
+        // Gemma 3's attention does not pass its softcap to the kernel: inert whatever the config says.
+        _ => {
+            let local = f.raw.get("rope_parameters").and_then(|p| p.get("sliding_attention"));
+            let rule = "a finite number > 0 (Gemma 3 uses 10000)";
+            let theta = match local {
+                Some(l) => f.sub(l).float("rope_theta", positive, rule)?,
+                None => f.float("rope_local_base_freq", positive, rule)?,
+            };
+            (None, cap("final_logit_softcapping", None)?, Some(theta.unwrap_or(10000.0)))
+        }
+    };
+    let layer_rope = match arch {
+        Architecture::Gemma3 => windows.iter().map(|w| usize::from(w.is_some())).collect(),
+        _ => vec![0; windows.len()],
+    };
+    Ok(GemmaConfig {
+        embed_scale: (hidden as f32).sqrt(),
+        attn_scale: scalar.powf(-0.5) as f32,
+        attn_softcap,
+        final_softcap,
+        local_rope_theta,
+        layer_rope,
     })
 }
 
@@ -540,6 +666,50 @@ mod tests {
             assert_eq!(c.raw["max_position_embeddings"], want, "{arch}");
         }
         assert_eq!(ModelConfig::from_json(base()).unwrap().max_position_embeddings, 256);
+    }
+
+    #[test]
+    fn gemma3_layer_types_ropes_and_scales_in_both_config_shapes() {
+        let mut new = base();
+        new["architectures"] = json!(["Gemma3ForCausalLM"]);
+        new["sliding_window"] = json!(6);
+        new["query_pre_attn_scalar"] = json!(16);
+        new["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        new["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        });
+        let mut old = base();
+        old["model_type"] = json!("gemma3_text");
+        old.as_object_mut().map(|o| o.remove("architectures"));
+        old["sliding_window"] = json!(6);
+        old["query_pre_attn_scalar"] = json!(16);
+        old["sliding_window_pattern"] = json!(2);
+        old["rope_theta"] = json!(1e6);
+        old["rope_local_base_freq"] = json!(1e4);
+        old["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        for raw in [new, old] {
+            let c = ModelConfig::from_json(raw).unwrap();
+            let g = c.gemma.clone().unwrap();
+            assert_eq!(c.layer_windows, vec![Some(6), None]);
+            assert_eq!(g.layer_rope, vec![1, 0]);
+            assert_eq!((c.rope_theta, c.rope_scaling.clone()), (1e6, RopeScaling::Linear { factor: 8.0 }));
+            assert_eq!(g.local_rope_theta, Some(1e4));
+            assert_eq!((g.attn_scale, g.embed_scale, g.attn_softcap, g.final_softcap), (0.25, 8.0, None, None));
+            assert!(c.tie_word_embeddings && c.qk_norm);
+        }
+    }
+
+    #[test]
+    fn gemma2_defaults_softcaps_and_alternates_layers() {
+        let mut raw = base();
+        raw["architectures"] = json!(["Gemma2ForCausalLM"]);
+        let c = ModelConfig::from_json(raw.clone()).unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap, g.local_rope_theta), (Some(50.0), Some(30.0), None));
+        assert_eq!((c.layer_windows.clone(), c.head_dim, c.qk_norm), (vec![Some(4096), None], 256, false));
+        raw["hidden_activation"] = json!("relu");
+        assert!(matches!(ModelConfig::from_json(raw), Err(Error::InvalidInput(m)) if m.contains("`hidden_activation`")));
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl HostWeights {
                 vec(&l.input_norm)
                     + vec(&l.post_norm)
                     + l.qk_norm.as_ref().map_or(0, |(q, k)| vec(q) + vec(k))
+                    + l.sandwich.as_ref().map_or(0, |(a, m)| vec(a) + vec(m))
                     + l.qkv.byte_len()
                     + l.o.byte_len()
                     + l.gate_up.byte_len()
@@ -108,6 +109,10 @@ impl HostWeights {
                 },
                 o: b.linear(&n("o_proj"), l.o)?,
                 post_norm: b.norm(&n("post_attention_layernorm"), l.post_norm)?,
+                sandwich: match l.sandwich {
+                    Some((a, m)) => Some((b.norm(&n("attn_out_norm"), a)?, b.norm(&n("mlp_out_norm"), m)?)),
+                    None => None,
+                },
                 gate_up: b.linear(&n("gate_up"), l.gate_up)?,
                 down: b.linear(&n("down_proj"), l.down)?,
             });

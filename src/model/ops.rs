@@ -30,6 +30,9 @@ pub trait WeightKinds {
 pub enum Activation {
     /// SiLU (Llama, Mistral, Qwen).
     Silu,
+    /// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`, torch's
+    /// `gelu(x, approximate="tanh")`).
+    GeluTanh,
 }
 
 /// One layer's attention as one rank computes it.
@@ -44,6 +47,9 @@ pub struct AttnSpec {
     pub window: Option<usize>,
     /// Score scale; None: 1/sqrt(head_dim), as each backend computes it by default.
     pub scale: Option<f32>,
+    /// Attention logit softcapping (Gemma 2): scores become tanh(s / cap) * cap after the scale,
+    /// before the mask.
+    pub softcap: Option<f32>,
 }
 
 impl AttnSpec {
@@ -82,6 +88,10 @@ pub trait Ops {
     fn all_reduce(&mut self, x: Self::Act) -> Result<Self::Act>;
     /// x += y (the residual stream).
     fn add(&mut self, x: &mut Self::Act, y: Self::Act) -> Result<()>;
+    /// x * factor (Gemma's embedding scale).
+    fn scale(&mut self, x: Self::Act, factor: f32) -> Result<Self::Act>;
+    /// tanh(x / cap) * cap, elementwise (Gemma 2's final logit softcapping).
+    fn softcap(&mut self, x: Self::Act, cap: f32) -> Result<Self::Act>;
     /// Keeps the rows whose logits the step returns (each sequence's last, or all).
     fn output_rows(&mut self, x: Self::Act) -> Result<Self::Act>;
 }

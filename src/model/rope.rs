@@ -24,6 +24,20 @@ impl Rope {
         rope
     }
 
+    /// Gemma 3's rope of the sliding layers: its own theta, no scaling (transformers merges
+    /// `rope_scaling` into the full-attention parameters only).
+    pub fn local(cfg: &ModelConfig, theta: f64) -> Self {
+        let mut rope = Rope {
+            head_dim: cfg.head_dim,
+            theta,
+            scaling: RopeScaling::Default,
+            max_position_embeddings: cfg.max_position_embeddings,
+            base_inv_freq: Vec::new(),
+        };
+        rope.base_inv_freq = rope.compute_inv_freq(rope.theta);
+        rope
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }

@@ -144,6 +144,7 @@ impl TpPlan {
             qk_norm: l.q_norm.clone().zip(l.k_norm.clone()),
             o: HostLinear { parts: vec![col_part(&l.o, &l.o_bias, &q_rows)?] },
             post_norm: l.post_norm.clone(),
+            sandwich: l.attn_out_norm.clone().zip(l.mlp_out_norm.clone()),
             gate_up: HostLinear {
                 parts: vec![row_part(&l.gate, &l.gate_bias, &mlp_rows)?, row_part(&l.up, &l.up_bias, &mlp_rows)?],
             },
@@ -196,6 +197,7 @@ fn whole_layer(l: LayerWeights) -> Layer<crate::model::host::Host> {
         qk_norm: l.q_norm.zip(l.k_norm),
         o: HostLinear::one(l.o, l.o_bias),
         post_norm: l.post_norm,
+        sandwich: l.attn_out_norm.zip(l.mlp_out_norm),
         gate_up: HostLinear { parts: vec![HostPart { w: l.gate, bias: l.gate_bias }, HostPart { w: l.up, bias: l.up_bias }] },
         down: HostLinear::one(l.down, l.down_bias),
     }
@@ -252,6 +254,8 @@ pub(crate) mod tests {
                 q_norm: None,
                 k_norm: None,
                 post_norm: vec![1.0; h],
+                attn_out_norm: None,
+                mlp_out_norm: None,
                 gate: m(i, h, 0.6),
                 up: m(i, h, 0.7),
                 down: m(h, i, 0.8),

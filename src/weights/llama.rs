@@ -53,6 +53,20 @@ impl Loader<'_> {
             .map_err(|e| e.into_error(&format!("tensor `{name}` in float32"), "free memory"))
     }
 
+    /// A Gemma norm weight w as the (1 + w) the forward multiplies by: added in f32 after the
+    /// dtype rounding, as transformers' `1.0 + weight.float()` (exact for f32 checkpoints).
+    fn gemma_norm(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.vector(name, len)?.into_iter().map(|w| 1.0 + w).collect())
+    }
+
+    fn optional_gemma_norm(&self, name: &str, len: usize, present: bool) -> Result<Option<Vec<f32>>> {
+        if present {
+            self.gemma_norm(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     fn optional_vector(&self, name: &str, len: usize, present: bool) -> Result<Option<Vec<f32>>> {
         if present {
             self.vector(name, len).map(Some)
@@ -81,6 +95,35 @@ pub fn load(
         let p = format!("model.layers.{i}");
         let attn = format!("{p}.self_attn");
         let mlp = format!("{p}.mlp");
+        if cfg.gemma.is_some() {
+            let n = |part: &str| l.gemma_norm(&format!("{p}.{part}.weight"), h);
+            let qk = |part: &str| l.optional_gemma_norm(&format!("{attn}.{part}.weight"), hd, cfg.qk_norm);
+            layers.push(LayerWeights {
+                input_norm: n("input_layernorm")?,
+                q: l.matrix(&format!("{attn}.q_proj.weight"), q_dim, h)?,
+                k: l.matrix(&format!("{attn}.k_proj.weight"), kv_dim, h)?,
+                v: l.matrix(&format!("{attn}.v_proj.weight"), kv_dim, h)?,
+                o: l.matrix(&format!("{attn}.o_proj.weight"), h, q_dim)?,
+                q_bias: l.optional_vector(&format!("{attn}.q_proj.bias"), q_dim, cfg.qkv_bias)?,
+                k_bias: l.optional_vector(&format!("{attn}.k_proj.bias"), kv_dim, cfg.qkv_bias)?,
+                v_bias: l.optional_vector(&format!("{attn}.v_proj.bias"), kv_dim, cfg.qkv_bias)?,
+                o_bias: l.optional_vector(&format!("{attn}.o_proj.bias"), h, cfg.o_bias)?,
+                q_norm: qk("q_norm")?,
+                k_norm: qk("k_norm")?,
+                // The norm before the MLP is Gemma's pre_feedforward_layernorm; its
+                // post_attention_layernorm normalises the attention output.
+                post_norm: n("pre_feedforward_layernorm")?,
+                attn_out_norm: Some(n("post_attention_layernorm")?),
+                mlp_out_norm: Some(n("post_feedforward_layernorm")?),
+                gate: l.matrix(&format!("{mlp}.gate_proj.weight"), inter, h)?,
+                up: l.matrix(&format!("{mlp}.up_proj.weight"), inter, h)?,
+                down: l.matrix(&format!("{mlp}.down_proj.weight"), h, inter)?,
+                gate_bias: None,
+                up_bias: None,
+                down_bias: None,
+            });
+            continue;
+        }
         layers.push(LayerWeights {
             input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
             q: l.matrix(&format!("{attn}.q_proj.weight"), q_dim, h)?,
@@ -94,6 +137,8 @@ pub fn load(
             q_norm: l.optional_vector(&format!("{attn}.q_norm.weight"), hd, cfg.qk_norm)?,
             k_norm: l.optional_vector(&format!("{attn}.k_norm.weight"), hd, cfg.qk_norm)?,
             post_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            attn_out_norm: None,
+            mlp_out_norm: None,
             gate: l.matrix(&format!("{mlp}.gate_proj.weight"), inter, h)?,
             up: l.matrix(&format!("{mlp}.up_proj.weight"), inter, h)?,
             down: l.matrix(&format!("{mlp}.down_proj.weight"), h, inter)?,
@@ -114,7 +159,7 @@ pub fn load(
             "checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false",
         ));
     };
-    let norm = l.vector("model.norm.weight", h)?;
+    let norm = if cfg.gemma.is_some() { l.gemma_norm("model.norm.weight", h)? } else { l.vector("model.norm.weight", h)? };
     progress(total, total);
     Ok(LlamaWeights { embed, layers, norm, lm_head })
 }

@@ -171,7 +171,6 @@ impl Ops for CpuOps<'_, '_> {
     }
 
     fn gated(&mut self, x: CpuAct, w: &HostLinear, act: Activation) -> Result<CpuAct> {
-        let Activation::Silu = act;
         let [gate, up]: &[HostPart; 2] = w
             .parts
             .as_slice()
@@ -179,6 +178,18 @@ impl Ops for CpuOps<'_, '_> {
             .map_err(|_| Error::Internal("a gated MLP needs a (gate, up) projection".into()))?;
         let mut g = self.alloc(x.rows, gate.w.rows);
         let mut u = self.alloc(x.rows, up.w.rows);
+        if act == Activation::GeluTanh {
+            // The fused kernel gates with SiLU; GeGLU projects both parts, then gates elementwise.
+            let mut projs = [
+                Proj { w: &gate.w, bias: gate.bias.as_deref(), out: g.m() },
+                Proj { w: &up.w, bias: up.bias.as_deref(), out: u.m() },
+            ];
+            kernels::linear_many(x.s(), x.rows, &mut projs);
+            kernels::gelu_tanh_mul(g.m(), u.s());
+            self.free(u);
+            self.free(x);
+            return Ok(g);
+        }
         kernels::linear_gated(
             x.s(),
             x.rows,
@@ -220,7 +231,7 @@ impl Ops for CpuOps<'_, '_> {
                     out: o,
                 });
             }
-            kernels::attention(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, spec.scale_or_default());
+            kernels::attention_capped(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, spec.scale_or_default(), spec.softcap);
         }
         self.free(q);
         self.free(k);
@@ -239,6 +250,16 @@ impl Ops for CpuOps<'_, '_> {
         x.m().iter_mut().zip(y.s()).for_each(|(a, b)| *a += b);
         self.free(y);
         Ok(())
+    }
+
+    fn scale(&mut self, mut x: CpuAct, factor: f32) -> Result<CpuAct> {
+        x.m().iter_mut().for_each(|v| *v *= factor);
+        Ok(x)
+    }
+
+    fn softcap(&mut self, mut x: CpuAct, cap: f32) -> Result<CpuAct> {
+        x.m().iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        Ok(x)
     }
 
     fn output_rows(&mut self, x: CpuAct) -> Result<CpuAct> {

@@ -216,7 +216,13 @@ pub fn rank_tensors(cfg: &ModelConfig, shape: &RankShape, w: HostWeights, set: &
     out.model = LlamaModel::new(cfg.clone(), shape.clone(), weights);
     let (s, hd) = (set.max_context, out.model.rope.head_dim());
     let (cos, sin) = out.model.rope.tables(0..s, s);
-    for (name, v) in [("rope0.cos", cos), ("rope0.sin", sin)] {
+    let mut tables = vec![("rope0.cos", cos), ("rope0.sin", sin)];
+    // Gemma 3's sliding layers read a second rope (rotary index 1).
+    if let Some(local) = &out.model.local_rope {
+        let (cos, sin) = local.tables(0..s, s);
+        tables.extend([("rope1.cos", cos), ("rope1.sin", sin)]);
+    }
+    for (name, v) in tables {
         out.tensors.push(PersistentTensor {
             spec: TensorSpec { name: name.into(), shape: vec![s as i64, hd as i64], dtype: ElemType::Float32 },
             role: Role::Table,
@@ -399,7 +405,10 @@ impl GraphOps<'_> {
         let dims = [bt, nkv, g * t, k];
         let scores = b.dot_general(qb, kt, &[0, 1], &[0, 1], 3, 3)?;
         let sc = b.full(spec.scale_or_default(), &dims)?;
-        let scores = b.binary("multiply", scores, sc)?;
+        let mut scores = b.binary("multiply", scores, sc)?;
+        if let Some(cap) = spec.softcap {
+            scores = softcap(b, scores, cap)?;
+        }
         let m5 = b.broadcast(mask, &[bt, nkv, g, t, k], &[0, 3, 4])?;
         let m4 = b.reshape(m5, &dims)?;
         // A large finite negative (never -inf: an all-masked padded row stays NaN-free).
@@ -432,6 +441,15 @@ impl GraphOps<'_> {
             self.b.convert(x, PrimitiveType::F32)
         }
     }
+}
+
+/// tanh(x / cap) * cap, elementwise.
+fn softcap(b: &mut ModuleBuilder, x: Node, cap: f32) -> Result<Node> {
+    let d = b.shape(x).dims.clone();
+    let c = b.full(cap, &d)?;
+    let t = b.binary("divide", x, c)?;
+    let t = b.unary("tanh", t);
+    b.binary("multiply", t, c)
 }
 
 /// x [rows, w] * rsqrt(mean(x^2) + eps) * weight [w], in f32.
@@ -521,14 +539,35 @@ impl Ops for GraphOps<'_> {
     }
 
     fn gated(&mut self, x: Node, w: &Vec<(usize, Option<usize>)>, act: Activation) -> Result<Node> {
-        let Activation::Silu = act;
         let parts = self.project(x, w)?;
         let [g, u] = parts[..] else {
             return Err(Error::Internal("a gated MLP needs a (gate, up) projection".into()));
         };
-        let sig = self.b.unary("logistic", g);
-        let silu = self.b.binary("multiply", g, sig)?;
-        self.b.binary("multiply", silu, u)
+        let b = &mut self.b;
+        let gated = match act {
+            Activation::Silu => {
+                let sig = b.unary("logistic", g);
+                b.binary("multiply", g, sig)?
+            }
+            Activation::GeluTanh => {
+                // 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 * g^3))), as torch's tanh GELU.
+                let d = b.shape(g).dims.clone();
+                let g2 = b.binary("multiply", g, g)?;
+                let g3 = b.binary("multiply", g2, g)?;
+                let c = b.full(0.044715, &d)?;
+                let inner = b.binary("multiply", g3, c)?;
+                let inner = b.binary("add", g, inner)?;
+                let k = b.full(0.797_884_6, &d)?;
+                let inner = b.binary("multiply", inner, k)?;
+                let t = b.unary("tanh", inner);
+                let one = b.full(1.0, &d)?;
+                let t = b.binary("add", t, one)?;
+                let half = b.full(0.5, &d)?;
+                let hg = b.binary("multiply", g, half)?;
+                b.binary("multiply", hg, t)?
+            }
+        };
+        b.binary("multiply", gated, u)
     }
 
     fn attend(&mut self, spec: &AttnSpec, q: Node, k: Node, v: Node) -> Result<Node> {
@@ -583,6 +622,16 @@ impl Ops for GraphOps<'_> {
     fn add(&mut self, x: &mut Node, y: Node) -> Result<()> {
         *x = self.b.binary("add", *x, y)?;
         Ok(())
+    }
+
+    fn scale(&mut self, x: Node, factor: f32) -> Result<Node> {
+        let d = self.dims(x);
+        let f = self.b.full(factor, &d)?;
+        self.b.binary("multiply", x, f)
+    }
+
+    fn softcap(&mut self, x: Node, cap: f32) -> Result<Node> {
+        softcap(&mut self.b, x, cap)
     }
 
     fn output_rows(&mut self, x: Node) -> Result<Node> {

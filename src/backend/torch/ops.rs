@@ -170,6 +170,11 @@ impl Ops for TorchOps<'_> {
     fn rotary(&mut self, index: usize, _rope: &Rope) -> Result<(Tensor, Tensor)> {
         // The plan computed the step's cos/sin on the host with the model's rope (fixed buffers
         // that a recorded graph reads).
+        if index == 1 {
+            return Err(Error::invalid(
+                "Gemma 3's local rope (its sliding layers) is not yet on the torch backend; use device=\"cpu\" for this model",
+            ));
+        }
         if index != 0 {
             return Err(Error::Internal(format!("the torch step plan has no rotary tables for rope {index}")));
         }
@@ -204,17 +209,28 @@ impl Ops for TorchOps<'_> {
     }
 
     fn gated(&mut self, x: Tensor, w: &TorchLinear, act: Activation) -> Result<Tensor> {
-        let Activation::Silu = act;
         let [gate, up] = w.splits[..] else {
             return Err(Error::Internal("a gated MLP needs a (gate, up) projection".into()));
         };
         let gu = x.f_linear(&w.w, w.bias.as_ref()).map_err(tch_err)?;
-        let g = gu.f_narrow(-1, 0, gate).and_then(|g| g.f_silu()).map_err(tch_err)?;
+        let g = gu
+            .f_narrow(-1, 0, gate)
+            .and_then(|g| match act {
+                Activation::Silu => g.f_silu(),
+                Activation::GeluTanh => g.f_gelu("tanh"),
+            })
+            .map_err(tch_err)?;
         let u = gu.f_narrow(-1, gate, up).map_err(tch_err)?;
         g.f_mul(&u).map_err(tch_err)
     }
 
     fn attend(&mut self, spec: &AttnSpec, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        if spec.softcap.is_some() {
+            // scaled_dot_product_attention has no softcap (transformers runs Gemma 2 eager).
+            return Err(Error::invalid(
+                "attention logit softcapping (Gemma 2) is not yet on the torch backend; use device=\"cpu\" for this model",
+            ));
+        }
         let (b, t) = self.grid();
         let (nh, nkv, hd) = (spec.heads as i64, spec.kv_heads as i64, spec.head_dim as i64);
         let q = q.f_view([b, t, nh, hd]).map_err(tch_err)?;
@@ -244,6 +260,15 @@ impl Ops for TorchOps<'_> {
     fn add(&mut self, x: &mut Tensor, y: Tensor) -> Result<()> {
         *x = x.f_add(&y).map_err(tch_err)?;
         Ok(())
+    }
+
+    fn scale(&mut self, x: Tensor, factor: f32) -> Result<Tensor> {
+        x.f_mul_scalar(factor as f64).map_err(tch_err)
+    }
+
+    fn softcap(&mut self, x: Tensor, cap: f32) -> Result<Tensor> {
+        let cap = cap as f64;
+        x.f_div_scalar(cap).and_then(|t| t.f_tanh()).and_then(|t| t.f_mul_scalar(cap)).map_err(tch_err)
     }
 
     fn output_rows(&mut self, x: Tensor) -> Result<Tensor> {

@@ -18,6 +18,24 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// gate[i] = gelu_tanh(gate[i]) * up[i] (Gemma's GeGLU), torch's `gelu(x, approximate="tanh")`:
+/// 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    const K: f32 = 0.797_884_6; // sqrt(2 / pi)
+    let f = |(g, &u): (&mut f32, &f32)| {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (K * (x + 0.044715 * x * x * x)).tanh()) * u;
+    };
+    if gate.len() < 2 * PAR_CHUNK {
+        gate.iter_mut().zip(up).for_each(f);
+    } else {
+        gate.par_chunks_mut(PAR_CHUNK)
+            .zip(up.par_chunks(PAR_CHUNK))
+            .for_each(|(g, u)| g.iter_mut().zip(u).for_each(f));
+    }
+}
+
 /// silu(g) * u for one element; shared with the fused gate/up linear so both give the same bits.
 #[inline(always)]
 pub(super) fn silu_mul_one(g: f32, u: f32) -> f32 {

@@ -48,6 +48,7 @@ struct Shape {
     hd: usize,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
 }
 
 /// Token t (position p = start_pos + t) of head h attends to positions j with j <= p and, when
@@ -70,9 +71,25 @@ pub fn attention(
         head_dim,
         window,
         scale,
+        None,
     )
 }
 
+/// [`attention`] with optional logit softcapping (Gemma 2): scores s = q.k * scale become
+/// tanh(s / cap) * cap before the softmax. Capped calls take the scalar path (one place to cap).
+pub fn attention_capped(
+    seqs: &mut [AttnSeq],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) {
+    attention_with(use_avx2() && softcap.is_none(), seqs, n_heads, n_kv_heads, head_dim, window, scale, softcap)
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_with(
     avx: bool,
     seqs: &mut [AttnSeq],
@@ -81,6 +98,7 @@ pub(super) fn attention_with(
     head_dim: usize,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
 ) {
     if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 {
         return;
@@ -92,6 +110,7 @@ pub(super) fn attention_with(
         hd: head_dim,
         window,
         scale,
+        softcap,
     };
     let mut macs = 0usize;
     let mut jobs: Vec<Job> = Vec::with_capacity(seqs.len());
@@ -157,7 +176,8 @@ unsafe fn head(
     out: *mut f32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx {
+    // The AVX2 path does not cap scores; capped calls stay scalar.
+    if avx && sh.softcap.is_none() {
         return avx2::head(sh, q, k, v, cap, start, n_tok, h, out);
     }
     let _ = avx;
@@ -172,6 +192,9 @@ unsafe fn head(
         let o = std::slice::from_raw_parts_mut(out.add((t * sh.n_heads + h) * hd), hd);
         p.clear();
         p.extend((lo..hi).map(|j| dot_scalar(qr, &kb[j * hd..(j + 1) * hd]) * sh.scale));
+        if let Some(cap) = sh.softcap {
+            p.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
+        }
         softmax(&mut p);
         o.fill(0.0);
         for (j, &pj) in (lo..hi).zip(&p) {
@@ -357,7 +380,7 @@ mod tests {
                 out: o,
             })
             .collect();
-        attention_with(avx, &mut seqs, NH, NKV, hd, window, scale);
+        attention_with(avx, &mut seqs, NH, NKV, hd, window, scale, None);
         drop(seqs);
         outs
     }

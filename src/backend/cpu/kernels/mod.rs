@@ -17,8 +17,8 @@ mod team;
 
 pub(crate) use team::mark_rank_pool_thread;
 
-pub use activation::silu_mul;
-pub use attention::{attention, AttnSeq};
+pub use activation::{gelu_tanh_mul, silu_mul};
+pub use attention::{attention, attention_capped, AttnSeq};
 pub use linear::{linear, linear_gated, linear_many, Proj};
 pub use norm::{rms_norm, rms_norm_inplace};
 pub use rope::rope_inplace;
