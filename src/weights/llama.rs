@@ -95,37 +95,33 @@ pub fn load(
         let p = format!("model.layers.{i}");
         let attn = format!("{p}.self_attn");
         let mlp = format!("{p}.mlp");
-        if cfg.gemma.is_some() {
+        // Gemma: (1 + w) norms, four per layer (its pre_feedforward_layernorm is the norm before
+        // the MLP; its post_attention_layernorm normalises the attention output).
+        let gemma = cfg.gemma.is_some();
+        let (input_norm, q_norm, k_norm, post_norm, attn_out_norm, mlp_out_norm) = if gemma {
             let n = |part: &str| l.gemma_norm(&format!("{p}.{part}.weight"), h);
             let qk = |part: &str| l.optional_gemma_norm(&format!("{attn}.{part}.weight"), hd, cfg.qk_norm);
-            layers.push(LayerWeights {
-                input_norm: n("input_layernorm")?,
-                q: l.matrix(&format!("{attn}.q_proj.weight"), q_dim, h)?,
-                k: l.matrix(&format!("{attn}.k_proj.weight"), kv_dim, h)?,
-                v: l.matrix(&format!("{attn}.v_proj.weight"), kv_dim, h)?,
-                o: l.matrix(&format!("{attn}.o_proj.weight"), h, q_dim)?,
-                q_bias: l.optional_vector(&format!("{attn}.q_proj.bias"), q_dim, cfg.qkv_bias)?,
-                k_bias: l.optional_vector(&format!("{attn}.k_proj.bias"), kv_dim, cfg.qkv_bias)?,
-                v_bias: l.optional_vector(&format!("{attn}.v_proj.bias"), kv_dim, cfg.qkv_bias)?,
-                o_bias: l.optional_vector(&format!("{attn}.o_proj.bias"), h, cfg.o_bias)?,
-                q_norm: qk("q_norm")?,
-                k_norm: qk("k_norm")?,
-                // The norm before the MLP is Gemma's pre_feedforward_layernorm; its
-                // post_attention_layernorm normalises the attention output.
-                post_norm: n("pre_feedforward_layernorm")?,
-                attn_out_norm: Some(n("post_attention_layernorm")?),
-                mlp_out_norm: Some(n("post_feedforward_layernorm")?),
-                gate: l.matrix(&format!("{mlp}.gate_proj.weight"), inter, h)?,
-                up: l.matrix(&format!("{mlp}.up_proj.weight"), inter, h)?,
-                down: l.matrix(&format!("{mlp}.down_proj.weight"), h, inter)?,
-                gate_bias: None,
-                up_bias: None,
-                down_bias: None,
-            });
-            continue;
-        }
+            (
+                n("input_layernorm")?,
+                qk("q_norm")?,
+                qk("k_norm")?,
+                n("pre_feedforward_layernorm")?,
+                Some(n("post_attention_layernorm")?),
+                Some(n("post_feedforward_layernorm")?),
+            )
+        } else {
+            (
+                l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                l.optional_vector(&format!("{attn}.q_norm.weight"), hd, cfg.qk_norm)?,
+                l.optional_vector(&format!("{attn}.k_norm.weight"), hd, cfg.qk_norm)?,
+                l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                None,
+                None,
+            )
+        };
+        let mlp_bias = cfg.mlp_bias && !gemma;
         layers.push(LayerWeights {
-            input_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            input_norm,
             q: l.matrix(&format!("{attn}.q_proj.weight"), q_dim, h)?,
             k: l.matrix(&format!("{attn}.k_proj.weight"), kv_dim, h)?,
             v: l.matrix(&format!("{attn}.v_proj.weight"), kv_dim, h)?,
@@ -134,17 +130,17 @@ pub fn load(
             k_bias: l.optional_vector(&format!("{attn}.k_proj.bias"), kv_dim, cfg.qkv_bias)?,
             v_bias: l.optional_vector(&format!("{attn}.v_proj.bias"), kv_dim, cfg.qkv_bias)?,
             o_bias: l.optional_vector(&format!("{attn}.o_proj.bias"), h, cfg.o_bias)?,
-            q_norm: l.optional_vector(&format!("{attn}.q_norm.weight"), hd, cfg.qk_norm)?,
-            k_norm: l.optional_vector(&format!("{attn}.k_norm.weight"), hd, cfg.qk_norm)?,
-            post_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            attn_out_norm: None,
-            mlp_out_norm: None,
+            q_norm,
+            k_norm,
+            post_norm,
+            attn_out_norm,
+            mlp_out_norm,
             gate: l.matrix(&format!("{mlp}.gate_proj.weight"), inter, h)?,
             up: l.matrix(&format!("{mlp}.up_proj.weight"), inter, h)?,
             down: l.matrix(&format!("{mlp}.down_proj.weight"), h, inter)?,
-            gate_bias: l.optional_vector(&format!("{mlp}.gate_proj.bias"), inter, cfg.mlp_bias)?,
-            up_bias: l.optional_vector(&format!("{mlp}.up_proj.bias"), inter, cfg.mlp_bias)?,
-            down_bias: l.optional_vector(&format!("{mlp}.down_proj.bias"), h, cfg.mlp_bias)?,
+            gate_bias: l.optional_vector(&format!("{mlp}.gate_proj.bias"), inter, mlp_bias)?,
+            up_bias: l.optional_vector(&format!("{mlp}.up_proj.bias"), inter, mlp_bias)?,
+            down_bias: l.optional_vector(&format!("{mlp}.down_proj.bias"), h, mlp_bias)?,
         });
     }
     let embed = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
