@@ -15,10 +15,8 @@ import pytest
 import torch
 
 from tiny_models import (
-    INIT_RANGE,
+    build_gemma,
     PROMPTS,
-    _load_tokenizer_into,
-    _randomize_1d_params,
     assert_sequences_match,
     eos_ids_of,
     hf_forward_logits,
@@ -33,62 +31,13 @@ LOGITS_ATOL = 1e-4
 WINDOW = 6  # shorter than every prompt + NEW_TOKENS
 
 
-def _config(kind, tok):
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        initializer_range=INIT_RANGE,
-        rms_norm_eps=1e-6,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=24,
-        tie_word_embeddings=True,
-    )
-    if kind == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        return Gemma3TextConfig(
-            **common,
-            rope_parameters={
-                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
-            },
-        )
-    from transformers import Gemma2Config
-
-    return Gemma2Config(**common, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
-
-
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     dirs = {}
 
     def get(kind):
         if kind not in dirs:
-            out = tmp_path_factory.mktemp(kind)
-            tok = _load_tokenizer_into(out, None)
-            cfg = _config(kind, tok)
-            cfg.architectures = ["Gemma3ForCausalLM" if kind == "gemma3" else "Gemma2ForCausalLM"]
-            torch.manual_seed(4242 if kind == "gemma3" else 4343)
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-            _randomize_1d_params(model, torch.Generator().manual_seed(7))
-            model.eval()
-            model.generation_config = GenerationConfig(
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-            )
-            model.save_pretrained(str(out), safe_serialization=True)
-            dirs[kind] = out
+            dirs[kind] = build_gemma(tmp_path_factory.mktemp(kind), kind, window=WINDOW)
         return dirs[kind]
 
     return get

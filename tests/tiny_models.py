@@ -286,6 +286,63 @@ def build_model(
 # -- transformers reference helpers -------------------------------------------------------------
 
 
+def gemma_config(kind: str, tok, window: int = 6, **overrides):
+    """A tiny Gemma 3 text / Gemma 2 config: one sliding and one full layer, random-enough scales."""
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        initializer_range=INIT_RANGE,
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        tie_word_embeddings=True,
+    )
+    common.update(overrides)
+    if kind == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            **common,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+            },
+        )
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**common, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
+
+
+def build_gemma(out: Path, kind: str, window: int = 6, dtype=torch.float32, tokenizer_dir=None, **overrides) -> Path:
+    """Saves a random Gemma ("gemma3" = Gemma3ForCausalLM, "gemma2") with the test tokenizer into `out`.
+
+    `overrides` go into the config (e.g. vocab_size to open a gap between embedding and tokenizer)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tok = _load_tokenizer_into(out, tokenizer_dir)
+    cfg = gemma_config(kind, tok, window=window, **overrides)
+    cfg.architectures = ["Gemma3ForCausalLM" if kind == "gemma3" else "Gemma2ForCausalLM"]
+    torch.manual_seed(4242 if kind == "gemma3" else 4343)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    _randomize_1d_params(model, torch.Generator().manual_seed(7))
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
 def load_hf(model_dir, attn_implementation: str = "eager", dtype=torch.float32):
     """HF reference model: f32, eval mode. `eager` is the reference (plain softmax(QK^T)V math);
     `sdpa` agrees with it to ~1e-6 on these models."""
