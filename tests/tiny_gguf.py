@@ -99,3 +99,55 @@ def write_tiny(path, arch="llama", tokenizer="llama", seed=0):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return path
 
+
+
+def gemma_spm_vocab():
+    """Gemma's special-token layout (pad 0, eos 1, bos 2, unk 3, mask 4), byte fallback, control
+    turn markers, and user-defined newline / multi-space tokens (stored as spaces, as llama.cpp does)."""
+    tokens, scores, types = spm_vocab()
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n", "  ", "   "] + tokens[3:]
+    types = [3, 3, 3, 2, 3, 3, 3, 4, 4, 4, 4] + types[3:]
+    scores = [0.0] * 11 + scores[3:]
+    return tokens, scores, types
+
+
+def write_tiny_gemma(path, arch="gemma3", seed=0):
+    """A llama.cpp-shaped gemma2/gemma3 file: norms stored as 1 + w, q/k norms (gemma3), head_dim 256
+    (transformers' query_pre_attn_scalar default, which it does not read from the file), 6 layers so
+    Gemma 3's default pattern has a global layer, a sliding window of 4."""
+    rng = np.random.default_rng(seed)
+    hidden, inter, heads, kv, layers, hd = 256, 512, 2, 1, 6, 256
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(layers); w.add_context_length(256); w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter); w.add_head_count(heads); w.add_head_count_kv(kv)
+    w.add_key_length(hd); w.add_value_length(hd); w.add_sliding_window(4)
+    w.add_rope_freq_base(1e6 if arch == "gemma3" else 10000.0); w.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(50.0); w.add_final_logit_softcapping(30.0)
+    tokens, scores, types = gemma_spm_vocab()
+    w.add_tokenizer_model("llama"); w.add_tokenizer_pre("default")
+    w.add_token_list(tokens); w.add_token_scores(scores); w.add_token_types(types)
+    w.add_bos_token_id(2); w.add_eos_token_id(1); w.add_unk_token_id(3); w.add_pad_token_id(0)
+    w.add_add_bos_token(True); w.add_add_eos_token(False); w.add_add_space_prefix(False)
+    vocab = len(tokens)
+
+    def norm(name, n):
+        w.add_tensor(name, (1 + 0.3 * rng.standard_normal(n)).astype(np.float32))
+
+    _tensor(w, "token_embd.weight", vocab, hidden, Q.Q8_0, rng)
+    for i in range(layers):
+        t = LAYER_TYPES[i % 2]
+        shapes = dict(attn_q=(heads * hd, hidden), attn_k=(kv * hd, hidden), attn_v=(kv * hd, hidden),
+                      attn_output=(hidden, heads * hd), ffn_gate=(inter, hidden), ffn_up=(inter, hidden),
+                      ffn_down=(hidden, inter))
+        for n, (r, c) in shapes.items():
+            _tensor(w, f"blk.{i}.{n}.weight", r, c, t[n], rng)
+        for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(f"blk.{i}.{n}.weight", hidden)
+        if arch == "gemma3":
+            norm(f"blk.{i}.attn_q_norm.weight", hd)
+            norm(f"blk.{i}.attn_k_norm.weight", hd)
+    norm("output_norm.weight", hidden)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path

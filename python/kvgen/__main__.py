@@ -189,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             _reply(gen, system + [{"role": "user", "content": args.prompt}], settings)
             return 0
+        if gen.tokenizer is None or not gen.tokenizer.chat_template:
+            print(
+                f"kvgen: {args.model} has no chat template (a base model): chat needs one; use "
+                f"`python -m kvgen generate --model {args.model} \"<text>\"` to continue plain text",
+                file=sys.stderr,
+            )
+            return 2
         messages = list(system)
         while True:
             try:

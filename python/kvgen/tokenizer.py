@@ -555,9 +555,13 @@ class Tokenizer:
             return chat_template
         if chat_template is None:
             if tmpl is None:
-                raise ValueError(
+                from .errors import InvalidInputError
+
+                # transformers' words first (code may match on them), then what to do about it.
+                raise InvalidInputError(
                     "Cannot use chat template functions because tokenizer.chat_template is not set and no template "
-                    "argument was passed!"
+                    "argument was passed! This model has no chat template (a base model, or a checkpoint saved "
+                    "without one): generate from plain text, or pass chat_template=\"...\""
                 )
             return tmpl
         return chat_template

@@ -124,8 +124,11 @@ struct Pipeline {
     /// Tokens as the BPE model spells them.
     vocab: Vec<String>,
     merges: Vec<(String, String)>,
+    normalizer: Json,
     pre_tok: Json,
     decoder: Json,
+    /// The BPE model's unk token (GemmaTokenizer sets one; the others leave it unset).
+    unk: Json,
     /// Special tokens the transformers builder class adds by default.
     defaults: &'static [&'static str],
     byte_level: bool,
@@ -190,7 +193,10 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
         config.insert(name.into(), tok);
     }
 
-    let Pipeline { vocab, merges, pre_tok, decoder, defaults, byte_level, spm } = match model {
+    // transformers builds Gemma files' sentencepiece vocabularies with GemmaTokenizer (its
+    // GGUF_SENTENCEPIECE_BUILDERS), other "llama" files with LlamaTokenizer.
+    let gemma = file.architecture().is_ok_and(|a| a.starts_with("gemma"));
+    let Pipeline { vocab, merges, normalizer, pre_tok, decoder, unk, defaults, byte_level, spm } = match model {
             "gpt2" => {
                 let spell = bytes_to_unicode();
                 let alphabet: HashSet<char> = spell.iter().copied().collect();
@@ -214,7 +220,47 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
                     None => byte_level,
                 };
                 let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-                Pipeline { vocab, merges, pre_tok, decoder, defaults: &["<|endoftext|>"], byte_level: true, spm: false }
+                Pipeline {
+                    vocab,
+                    merges,
+                    normalizer: Json::Null,
+                    pre_tok,
+                    decoder,
+                    unk: Json::Null,
+                    defaults: &["<|endoftext|>"],
+                    byte_level: true,
+                    spm: false,
+                }
+            }
+            "llama" if gemma => {
+                // Gemma files store a token of 2+ spaces as spaces, GemmaTokenizer looks it up as "▁"s;
+                // their scores do not follow the merge order, the file order does (transformers'
+                // `gemma_tokenizer`).
+                let vocab: Vec<String> = tokens
+                    .iter()
+                    .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.to_string() })
+                    .collect();
+                let spelled: Vec<&str> = vocab.iter().map(String::as_str).collect();
+                let order: Vec<f64> = (0..vocab.len()).map(|i| -(i as f64)).collect();
+                let merges = match split_merges(&m, merges_meta.as_deref())? {
+                    Some(mg) => mg,
+                    None => generated_merges(&m, &spelled, &order)?,
+                };
+                Pipeline {
+                    vocab,
+                    merges,
+                    normalizer: json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+                    pre_tok: json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+                    decoder: json!({"type": "Sequence", "decoders": [
+                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                        {"type": "ByteFallback"},
+                        {"type": "Fuse"}
+                    ]}),
+                    unk: json!("<unk>"),
+                    defaults: &["<unk>", "<bos>", "<eos>", "<pad>", "<mask>"],
+                    byte_level: false,
+                    spm: true,
+                }
             }
             "llama" => {
                 let vocab: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
@@ -224,12 +270,7 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
                         let scores = m.numbers("ggml.scores", tokens.len(), Value::as_f64)?.ok_or_else(|| {
                             m.bad("sentencepiece GGUF has neither tokenizer.ggml.merges nor tokenizer.ggml.scores")
                         })?;
-                        generate_merges(&tokens, &scores, MAX_GENERATED_MERGES).ok_or_else(|| {
-                            m.bad(format!(
-                                "the sentencepiece vocabulary yields more than {MAX_GENERATED_MERGES} merges (real ones: a few \
-                                 million at most); the file is corrupt"
-                            ))
-                        })?
+                        generated_merges(&m, &tokens, &scores)?
                     }
                 };
                 let pre_tok = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
@@ -239,7 +280,17 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
                     {"type": "Fuse"},
                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}
                 ]});
-                Pipeline { vocab, merges, pre_tok, decoder, defaults: &["<s>", "</s>", "<unk>"], byte_level: false, spm: true }
+                Pipeline {
+                    vocab,
+                    merges,
+                    normalizer: Json::Null,
+                    pre_tok,
+                    decoder,
+                    unk: Json::Null,
+                    defaults: &["<s>", "</s>", "<unk>"],
+                    byte_level: false,
+                    spm: true,
+                }
             }
             other => {
                 return Err(Error::bad_file(
@@ -260,14 +311,14 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
         "truncation": null,
         "padding": null,
         "added_tokens": [],
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tok,
         "post_processor": null,
         "decoder": decoder,
         "model": {
             "type": "BPE",
             "dropout": null,
-            "unk_token": null,
+            "unk_token": unk,
             "continuing_subword_prefix": if spm { Json::Null } else { json!("") },
             "end_of_word_suffix": if spm { Json::Null } else { json!("") },
             "fuse_unk": spm,
@@ -350,6 +401,16 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
             .map_err(|e| Error::Internal(format!("post-processor: {e}")))?;
     inner.with_post_processor(Some(pp));
     Ok((inner, Json::Object(config)))
+}
+
+/// Sentencepiece merges rebuilt from the vocabulary, ranked by `scores` (see `generate_merges`).
+fn generated_merges(m: &Meta, tokens: &[&str], scores: &[f64]) -> Result<Vec<(String, String)>> {
+    generate_merges(tokens, scores, MAX_GENERATED_MERGES).ok_or_else(|| {
+        m.bad(format!(
+            "the sentencepiece vocabulary yields more than {MAX_GENERATED_MERGES} merges (real ones: a few \
+             million at most); the file is corrupt"
+        ))
+    })
 }
 
 /// `tokenizer.ggml.merges` ("a b" strings) as pairs; None when the file has none.

@@ -24,6 +24,8 @@ const ARCHS: &[(&str, &str, &str)] = &[
     ("mistral", "MistralForCausalLM", "mistral"),
     ("qwen2", "Qwen2ForCausalLM", "qwen2"),
     ("qwen3", "Qwen3ForCausalLM", "qwen3"),
+    ("gemma2", "Gemma2ForCausalLM", "gemma2"),
+    ("gemma3", "Gemma3ForCausalLM", "gemma3_text"),
 ];
 
 /// A GGUF file seen as an HF checkpoint: `get("model.layers.0.self_attn.q_proj.weight")`
@@ -34,6 +36,7 @@ pub struct GgufSource {
     permute_heads: Option<(usize, usize)>,
     /// `get` returns block-quantized matrices as `Data::Quant` (zero copy) instead of f32.
     keep_quantized: bool,
+    layout: names::Layout,
 }
 
 impl GgufSource {
@@ -63,6 +66,7 @@ impl GgufSource {
             file,
             permute_heads,
             keep_quantized: false,
+            layout: names::Layout::of_arch(&arch),
         })
     }
 
@@ -76,7 +80,7 @@ impl GgufSource {
     /// The stored (possibly quantized) bytes of the tensor behind an HF name, with its ggml type
     /// and HF shape. Rows of Q/K in llama files are still in llama.cpp's permuted order.
     pub fn raw(&self, hf_name: &str) -> Option<(GgmlType, Vec<usize>, &[u8])> {
-        let (g, _) = names::gguf_name(hf_name)?;
+        let (g, _) = names::gguf_name(hf_name, self.layout)?;
         let t = self.file.tensor(&g)?;
         Some((t.kind, t.shape(), self.file.tensor_bytes(t)))
     }
@@ -121,7 +125,7 @@ impl GgufSource {
 impl GgufSource {
     /// The GGUF tensor behind an HF name, and how llama.cpp permuted its rows.
     fn info(&self, name: &str) -> Result<(&TensorInfo, Permuted)> {
-        let (g, perm) = names::gguf_name(name).ok_or_else(|| {
+        let (g, perm) = names::gguf_name(name, self.layout).ok_or_else(|| {
             Error::bad_file(&self.file.path, format!("no GGUF tensor corresponds to `{name}`"))
         })?;
         let t = self.file.tensor(&g).ok_or_else(|| {
@@ -133,7 +137,7 @@ impl GgufSource {
 
 impl TensorSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
-        names::gguf_name(name).is_some_and(|(g, _)| self.file.tensor(&g).is_some())
+        names::gguf_name(name, self.layout).is_some_and(|(g, _)| self.file.tensor(&g).is_some())
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -166,6 +170,11 @@ impl TensorSource for GgufSource {
                 )
             })?;
             v = out;
+        }
+        if self.layout == names::Layout::Gemma && name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's norm weights as 1 + w; HF names mean w, and the loader adds
+            // the 1 back (transformers' GGUF loader subtracts it the same way, so the f32 values agree).
+            v.iter_mut().for_each(|w| *w -= 1.0);
         }
         Ok(Tensor {
             shape,
@@ -340,6 +349,9 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
     if let Some(w) = uint("attention.sliding_window")? {
         c.insert("sliding_window".into(), json!(w));
     }
+    if arch == "gemma2" || arch == "gemma3" {
+        gemma_config(file, arch, &mut c, hidden, heads, head_dim);
+    }
     for (gguf, hf) in [
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -358,6 +370,61 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
         c.insert("_model_name_or_path".into(), json!(name));
     }
     Ok(Json::Object(c))
+}
+
+/// What llama.cpp's gemma2/gemma3 converters store (or leave to the loader's defaults), as the
+/// config.json fields ModelConfig reads for Gemma.
+fn gemma_config(
+    file: &GgufFile,
+    arch: &str,
+    c: &mut Map<String, Json>,
+    hidden: u64,
+    heads: u64,
+    head_dim: Option<u64>,
+) {
+    let key = |k: &str| file.get(&format!("{arch}.{k}"));
+    let layers = c.get("num_hidden_layers").and_then(Json::as_u64).unwrap_or(0);
+    // query_pre_attn_scalar is not stored; llama.cpp scales by 1/sqrt(hidden/heads) for the 27B
+    // models (Gemma 2 27B: 46 layers, Gemma 3 27B: 62) and by 1/sqrt(head_dim) otherwise.
+    let is_27b = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let scalar = match head_dim {
+        Some(hd) if !is_27b => hd,
+        _ => hidden / heads.max(1),
+    };
+    c.insert("query_pre_attn_scalar".into(), json!(scalar));
+    for cap in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        // Absent takes the class default, as in both transformers and llama.cpp (Gemma 2: 50 / 30).
+        if let Some(v) = key(cap) {
+            c.insert(cap.into(), v.to_json());
+        }
+    }
+    if !c.get("sliding_window").and_then(Json::as_u64).is_some_and(|w| w > 0) {
+        // llama.cpp slides only when the file states a window.
+        c.insert("layer_types".into(), json!(vec!["full_attention"; layers as usize]));
+        return;
+    }
+    // Written out as transformers' config shows them: a per-layer flag array, else a period (layer
+    // i slides unless (i + 1) % period == 0; llama.cpp's default 6 for Gemma 3, Gemma 2 alternates).
+    let sliding: Vec<bool> = match key("attention.sliding_window_pattern") {
+        Some(Value::Array(flags)) => flags.iter().map(|f| f.as_bool().unwrap_or(false)).collect(),
+        other => {
+            let default = if arch == "gemma3" { 6 } else { 2 };
+            let period = other.and_then(Value::as_u64).filter(|&p| p > 0).unwrap_or(default);
+            (0..layers).map(|i| (i + 1) % period != 0).collect()
+        }
+    };
+    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+    c.insert("layer_types".into(), json!(types));
+    if arch == "gemma3" {
+        // One rope per layer type: the file's freq_base and scaling are the global layers';
+        // freq_base_swa (llama.cpp default 10000) is the sliding layers'.
+        let full = c.remove("rope_parameters").unwrap_or_else(|| json!({"rope_theta": 1e6, "rope_type": "default"}));
+        let local = key("rope.freq_base_swa").map(Value::to_json).unwrap_or(json!(10000.0));
+        c.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": full, "sliding_attention": {"rope_theta": local, "rope_type": "default"}}),
+        );
+    }
 }
 
 /// The GGUF key each config.json field is built from in `config_json` (for error messages).

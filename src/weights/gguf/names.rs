@@ -1,5 +1,23 @@
 //! llama.cpp tensor names <-> the HF names `weights::llama::load` asks for.
 
+/// Which name table a file's architecture uses: Gemma's four norms per layer are named apart
+/// from Llama's two (`ffn_norm` is Llama's post_attention_layernorm but Gemma's pre-MLP norm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Llama,
+    Gemma,
+}
+
+impl Layout {
+    pub fn of_arch(arch: &str) -> Layout {
+        if arch.starts_with("gemma") {
+            Layout::Gemma
+        } else {
+            Layout::Llama
+        }
+    }
+}
+
 /// `(hf_suffix, gguf_suffix)` inside a layer: `model.layers.N.{hf}` <-> `blk.N.{gguf}`.
 const LAYER: &[(&str, &str)] = &[
     ("input_layernorm.weight", "attn_norm.weight"),
@@ -13,13 +31,21 @@ const LAYER: &[(&str, &str)] = &[
     ("self_attn.o_proj.bias", "attn_output.bias"),
     ("self_attn.q_norm.weight", "attn_q_norm.weight"),
     ("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
     ("mlp.gate_proj.weight", "ffn_gate.weight"),
     ("mlp.up_proj.weight", "ffn_up.weight"),
     ("mlp.down_proj.weight", "ffn_down.weight"),
     ("mlp.gate_proj.bias", "ffn_gate.bias"),
     ("mlp.up_proj.bias", "ffn_up.bias"),
     ("mlp.down_proj.bias", "ffn_down.bias"),
+];
+
+/// The layer norms after attention and around the MLP, per layout (llama.cpp's gemma2/gemma3
+/// converters: post_attention_norm, ffn_norm = pre_feedforward_layernorm, post_ffw_norm).
+const LLAMA_NORMS: &[(&str, &str)] = &[("post_attention_layernorm.weight", "ffn_norm.weight")];
+const GEMMA_NORMS: &[(&str, &str)] = &[
+    ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 ];
 
 const GLOBAL: &[(&str, &str)] = &[
@@ -38,14 +64,18 @@ pub enum Permuted {
 
 /// The GGUF name for an HF name, and whether its rows carry llama.cpp's Q/K permutation
 /// (the caller decides whether the architecture applies it).
-pub fn gguf_name(hf: &str) -> Option<(String, Permuted)> {
+pub fn gguf_name(hf: &str, layout: Layout) -> Option<(String, Permuted)> {
     if let Some((_, g)) = GLOBAL.iter().find(|(h, _)| *h == hf) {
         return Some((g.to_string(), Permuted::No));
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (idx, suffix) = rest.split_once('.')?;
     let layer: usize = idx.parse().ok()?;
-    let (_, g) = LAYER.iter().find(|(h, _)| *h == suffix)?;
+    let norms = match layout {
+        Layout::Llama => LLAMA_NORMS,
+        Layout::Gemma => GEMMA_NORMS,
+    };
+    let (_, g) = LAYER.iter().chain(norms).find(|(h, _)| *h == suffix)?;
     let perm = match *g {
         "attn_q.weight" | "attn_q.bias" => Permuted::Query,
         "attn_k.weight" | "attn_k.bias" => Permuted::Key,
@@ -91,18 +121,24 @@ mod tests {
     #[test]
     fn names_round_trip() {
         assert_eq!(
-            gguf_name("model.layers.12.self_attn.q_proj.weight"),
+            gguf_name("model.layers.12.self_attn.q_proj.weight", Layout::Llama),
             Some(("blk.12.attn_q.weight".into(), Permuted::Query))
         );
         assert_eq!(
-            gguf_name("model.layers.0.mlp.down_proj.weight"),
+            gguf_name("model.layers.0.mlp.down_proj.weight", Layout::Llama),
             Some(("blk.0.ffn_down.weight".into(), Permuted::No))
         );
         assert_eq!(
-            gguf_name("lm_head.weight"),
+            gguf_name("lm_head.weight", Layout::Llama),
             Some(("output.weight".into(), Permuted::No))
         );
-        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight", Layout::Llama), None);
+        let norm = |hf: &str, layout| gguf_name(&format!("model.layers.3.{hf}"), layout).map(|(g, _)| g);
+        assert_eq!(norm("post_attention_layernorm.weight", Layout::Llama).as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(norm("post_attention_layernorm.weight", Layout::Gemma).as_deref(), Some("blk.3.post_attention_norm.weight"));
+        assert_eq!(norm("pre_feedforward_layernorm.weight", Layout::Gemma).as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(norm("post_feedforward_layernorm.weight", Layout::Gemma).as_deref(), Some("blk.3.post_ffw_norm.weight"));
+        assert_eq!(norm("pre_feedforward_layernorm.weight", Layout::Llama), None);
     }
 
     #[test]
