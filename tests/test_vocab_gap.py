@@ -216,7 +216,7 @@ class ForceAt:
     def __call__(self, input_ids, scores):
         if input_ids.shape[1] != self.length:
             return scores
-        scores = scores.clone()
+        scores = scores.clone() if isinstance(scores, torch.Tensor) else scores.copy()  # torch or numpy inputs
         scores[:, self.token] = scores.max() + 10.0
         return scores
 
@@ -305,6 +305,30 @@ def test_each_generator_warns_once_of_its_own(kvgen, big_dir, prompt):
             for _ in range(2):
                 gen.generate(text, max_new_tokens=NEW, do_sample=False)
     assert len(_gap_warnings(record)) == 2, _gap_warnings(record)
+
+
+@pytest.mark.parametrize("arch,tokenizer", [("llama", "llama"), ("qwen2", "gpt2")])
+def test_gguf_vocabulary_is_the_embedding_rows(arch, tokenizer, kvgen, tmp_path):
+    """A GGUF with embedding rows past its token list (and no vocab_size key): the vocabulary is
+    token_embd's rows, not the token list's length (which would not even load: a shape mismatch)."""
+    pytest.importorskip("gguf")
+    from tiny_gguf import gpt2_vocab, spm_vocab, write_tiny
+
+    n_tokens = len((spm_vocab if tokenizer == "llama" else gpt2_vocab)()[0])
+    path = write_tiny(str(tmp_path / "gap.gguf"), arch, tokenizer, extra_rows=EXTRA_ROWS)
+    gen = kvgen.Generator.from_pretrained(path, dtype="float32")
+    assert len(gen.tokenizer) == n_tokens and gen.config.vocab_size == n_tokens + EXTRA_ROWS
+    ids = [gen.tokenizer.encode("hello world")]
+    assert gen.logits(ids).shape == (1, len(ids[0]), n_tokens + EXTRA_ROWS)
+    forced = n_tokens + EXTRA_ROWS - 1
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        text = gen.generate("hello world", max_new_tokens=4, do_sample=False, logits_processor=[ForceAt(forced, len(ids[0]))])
+        out = gen.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=[ForceAt(forced, len(ids[0]))])
+    new = [int(t) for t in np.asarray(out)[0, len(ids[0]) :]]
+    assert new[0] == forced
+    assert text == gen.tokenizer.decode(new[1:], skip_special_tokens=True)
+    assert len(_gap_warnings(record)) == 1
 
 
 # -- embedding smaller than the tokenizer --------------------------------------------------------
