@@ -260,6 +260,12 @@ def test_every_text_api_decodes_a_gap_id_to_empty_with_one_warning(kvgen, big_di
         assert "".join(gen.stream(text, max_new_tokens=NEW, do_sample=False)) == expected
         assert "".join(gen.stream(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)) == expected
 
+        async def collect():
+            return "".join([d async for d in gen.astream(text, max_new_tokens=NEW, do_sample=False)])
+
+        assert asyncio.run(collect()) == expected
+        assert asyncio.run(gen.agenerate(text, max_new_tokens=NEW, do_sample=False)) == expected
+
         app = _app(gen)
         body = {"model": "gap", "prompt": ids, "max_tokens": NEW, "temperature": 0, "logprobs": 3}
         r = _post(app, "/v1/completions", body)
@@ -337,8 +343,10 @@ def test_gguf_vocabulary_is_the_embedding_rows(arch, tokenizer, kvgen, tmp_path)
 def test_load_warns_naming_the_tokens_past_the_embedding(kvgen, small_dir, missing):
     with pytest.warns(UserWarning) as record:
         kvgen.Generator.from_pretrained(str(small_dir), backend="native")
-    msgs = [str(w.message) for w in record if "embedding" in str(w.message)]
+    ours = [w for w in record if "embedding" in str(w.message)]
+    msgs = [str(w.message) for w in ours]
     assert len(msgs) == 1, msgs
+    assert ours[0].filename == __file__, "the warning should point at the from_pretrained call"
     assert f"'<|im_end|>' = {missing}" in msgs[0] and f"{missing} rows" in msgs[0] and "TokenOutOfRangeError" in msgs[0]
 
 
