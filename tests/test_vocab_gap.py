@@ -302,6 +302,19 @@ def test_every_text_api_decodes_a_gap_id_to_empty_with_one_warning(kvgen, big_di
     assert str(target) in _gap_warnings(record)[0]
 
 
+def test_streaming_detokenizer_skips_a_gap_id_inside_a_split_character(big_gen, hf_tok, target):
+    """'é' is two byte tokens; a gap id between them leaves the character whole, as in
+    transformers' decode of the same ids, and the deltas add up to it."""
+    from kvgen.streaming import TextAssembler
+
+    first, second = hf_tok("é")["input_ids"]
+    ids = [first, target, target + 1, second]
+    assert hf_tok.decode(ids) == "é"
+    assembler = TextAssembler(lambda t: big_gen.tokenizer.decode(t, skip_special_tokens=True), [])
+    deltas = [assembler.push(i) for i in ids] + [assembler.finish()]
+    assert "".join(deltas) == "é" and "\ufffd" not in "".join(deltas), deltas
+
+
 def test_each_generator_warns_once_of_its_own(kvgen, big_dir, prompt):
     text, _ = prompt
     with warnings.catch_warnings(record=True) as record:
