@@ -221,6 +221,7 @@ class ForceAt:
         return scores
 
 
+@pytest.mark.filterwarnings(f"ignore:.*{UNKNOWN_ID_WARNING}")  # counted in the tests below
 @pytest.mark.parametrize("how", ["logits_processor", "sequence_bias"])
 def test_processors_can_force_a_gap_id_as_in_transformers(how, big_gen, big_hf, hf_tok, prompt, target):
     ids = torch.tensor([prompt[1]])
@@ -445,6 +446,14 @@ def test_server_answers_400_naming_the_id(path, body, small_gen, hf_tok, missing
     assert error["type"] == "invalid_request_error"
     _assert_names_id_size_and_fix(error["message"], missing)
     assert small_gen.scheduler_stats()["steps"] == steps
+
+
+def test_server_serves_prompts_inside_the_smaller_embedding(small_gen, hf_tok):
+    body = {"model": "gap", "prompt": USER_TEXT, "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    r = _post(_app(small_gen), "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    expected = small_gen.generate(USER_TEXT, max_new_tokens=4, do_sample=False)
+    assert r.json()["choices"][0]["text"] == expected
 
 
 # -- other backends ------------------------------------------------------------------------------
