@@ -10,8 +10,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
-    /// A token id outside the embedding matrix.
-    #[error("token id {id} at row {row}, position {position} is out of range: the model's vocabulary has {vocab_size} ids (0..={max}); check that the tokenizer matches the model", max = vocab_size.saturating_sub(1))]
+    /// A token id outside the embedding matrix (the vocabulary is its row count, which a tokenizer
+    /// can exceed: Gemma 3's `<image_soft_token>` is one past the 1B model's embedding).
+    #[error("token id {id} at row {row}, position {position} is out of range: the model's vocabulary has {vocab_size} ids (0..={max}), the rows of its embedding; remove that id from the prompt (a tokenizer can have tokens past the embedding, such as Gemma 3's <image_soft_token>) or use the tokenizer that belongs to this model", max = vocab_size.saturating_sub(1))]
     TokenOutOfRange { id: i64, row: usize, position: usize, vocab_size: usize },
 
     /// Prompt plus requested tokens do not fit the context.

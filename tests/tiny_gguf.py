@@ -56,8 +56,9 @@ def gpt2_vocab():
     types = [1] * (len(tokens) - 3) + [3, 3, 3]
     return tokens, merges, types
 
-def write_tiny(path, arch="llama", tokenizer="llama", seed=0):
-    """hidden 256 (a K-quant block per row), 2 layers with different types, 4 heads / 2 kv heads."""
+def write_tiny(path, arch="llama", tokenizer="llama", seed=0, extra_rows=0):
+    """hidden 256 (a K-quant block per row), 2 layers with different types, 4 heads / 2 kv heads.
+    `extra_rows`: embedding (and output) rows past the token list, as Gemma 3's files have."""
     rng = np.random.default_rng(seed)
     hidden, inter, heads, kv, layers = 256, 512, 4, 2, 2
     w = gguf.GGUFWriter(path, arch)
@@ -79,7 +80,7 @@ def write_tiny(path, arch="llama", tokenizer="llama", seed=0):
         w.add_eos_token_id(eos); w.add_pad_token_id(tokens.index("<|endoftext|>")); w.add_bos_token_id(tokens.index("<|endoftext|>"))
         w.add_add_bos_token(False)
         w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    vocab = len(tokens)
+    vocab = len(tokens) + extra_rows
     _tensor(w, "token_embd.weight", vocab, hidden, Q.Q6_K if arch == "llama" else Q.Q8_0, rng)
     for i in range(layers):
         t = LAYER_TYPES[i]

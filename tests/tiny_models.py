@@ -246,15 +246,19 @@ def build_model(
     dtype: str = "float32",
     max_shard_size: str | None = None,
     tokenizer_dir=None,
+    **config_overrides,
 ):
     """Build the tiny `kind` model into `out_dir` (weights identical for every dtype / sharding of
-    the same kind: same seed). Returns `out_dir` as a Path."""
+    the same kind: same seed). `config_overrides` go into the config (e.g. vocab_size, to open a
+    gap between the embedding and the tokenizer). Returns `out_dir` as a Path."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = _load_tokenizer_into(out_dir, tokenizer_dir)
     config = make_config(kind, tok)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     config.architectures = [MODEL_CLASS[kind]]
 
     torch.manual_seed(SEED[kind])

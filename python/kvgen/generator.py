@@ -78,13 +78,28 @@ class Generator:
         self.tokenizer: Tokenizer | None = Tokenizer(native_tok) if native_tok is not None else None
         self.config = ModelConfig(json.loads(engine.config_json))
         self.generation_config = self._model_generation_config()
-        if self.tokenizer is not None and len(self.tokenizer) > self.config.vocab_size:
-            warnings.warn(
-                f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding has {self.config.vocab_size} "
-                "rows; ids at or above the embedding size will raise kvgen.TokenOutOfRangeError. Check that the "
-                "tokenizer belongs to this model.",
-                stacklevel=3,
-            )
+        self._warn_tokens_past_embedding()
+
+    def _warn_tokens_past_embedding(self) -> None:
+        """A tokenizer with ids the embedding has no row for (Gemma 3 1B: `<image_soft_token>` =
+        262,144, one past its embedding) loads with a warning naming them; a prompt holding one
+        raises TokenOutOfRangeError before any compute (the native engine checks every id)."""
+        tok, rows = self.tokenizer, int(self.config.vocab_size)
+        if tok is None:
+            return
+        added = [(i, t) for i, t, _ in tok.native.added_tokens() if i >= rows]
+        # Added tokens can sit past len(tokenizer) (ids with gaps), so both are looked at.
+        top = max([len(tok)] + [i + 1 for i, _ in added])
+        if top <= rows:
+            return
+        named = ", ".join(f"{t!r} = {i}" for i, t in added[:3]) + (", ..." if len(added) > 3 else "")
+        warnings.warn(
+            f"the tokenizer has ids up to {top - 1} but the model's embedding has {rows} rows (ids 0..{rows - 1})"
+            + (f"; tokens past it: {named}" if named else "")
+            + f". A prompt holding an id >= {rows} raises kvgen.TokenOutOfRangeError: leave those tokens out of "
+            "prompts, or check that the tokenizer belongs to this model.",
+            stacklevel=4,
+        )
 
     @classmethod
     def from_pretrained(

@@ -423,7 +423,8 @@ class Tokenizer:
         if self._warned_unknown_id:
             return
         n = len(self)
-        bad = next((i for s in seqs for i in s if i >= n), None)
+        # Past len() only: an id there can still be an added token (ids with gaps).
+        bad = next((i for s in seqs for i in s if i >= n and self._tok.id_to_token(i) is None), None)
         if bad is not None:
             self._warned_unknown_id = True
             warnings.warn(

@@ -314,15 +314,17 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
         }
     }
     c.insert("rope_parameters".into(), Json::Object(rope));
-    let vocab = uint("vocab_size")?
+    // The embedding's row count is the vocabulary (logits span every row); the tokenizer may
+    // have fewer ids (Gemma 3: 262,208 rows) or more (an added token past the last row).
+    let embedding_rows = file.tensor("token_embd.weight").and_then(|t| t.dims.get(1).copied());
+    let vocab = embedding_rows
+        .map(Ok)
+        .or_else(|| uint("vocab_size").transpose())
+        .transpose()?
         .or_else(|| {
             file.get("tokenizer.ggml.tokens")
                 .and_then(Value::as_array)
                 .map(|a| a.len() as u64)
-        })
-        .or_else(|| {
-            file.tensor("token_embd.weight")
-                .and_then(|t| t.dims.get(1).copied())
         })
         .ok_or_else(|| {
             Error::bad_file(
