@@ -271,6 +271,19 @@ def test_vlm_image_token_is_refused(kvgen, hf_tok, tmp_path, tokenizer_dir, vlm_
         gen.generate(np.concatenate([ids, [[262144]]], axis=1), max_new_tokens=2)
 
 
+def test_vlm_checkpoint_without_a_language_model_is_a_format_error(kvgen, tmp_path, vlm_dirs):
+    src = vlm_dirs["language_model.model"]
+    d = tmp_path / "renamed"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    tensors = {n.replace("language_model.model.", "text.", 1): t for n, t in load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(kvgen.ModelFormatError, match=r"Gemma3ForConditionalGeneration.*language_model\.model\.embed_tokens"):
+        kvgen.Generator.from_pretrained(str(d), backend="native")
+
+
 # -- 4. generation_config.json defaults (Gemma 3 IT) -----------------------------------------------
 
 GEMMA3_IT_GENERATION = {"do_sample": True, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106], "cache_implementation": "hybrid"}
