@@ -85,6 +85,9 @@ impl PyEngine {
     /// Refuses image placeholders in the attended ids (`Engine::check_text_only`), before the
     /// id range check so that the message says what the id is.
     fn check_text_only(&self, ids: &PyReadonlyArray2<i64>, mask: &Option<PyReadonlyArray2<i64>>) -> PyResult<()> {
+        if self.inner.config.vision_language.is_none() {
+            return Ok(()); // text checkpoints: nothing to refuse, no row copies
+        }
         let ids = ids.as_array();
         let mask = mask.as_ref().map(|m| m.as_array());
         for (r, row) in ids.rows().into_iter().enumerate() {
