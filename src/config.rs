@@ -5,6 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
@@ -24,6 +25,9 @@ impl Architecture {
         ("Qwen3ForCausalLM", Architecture::Qwen3),
         ("Gemma2ForCausalLM", Architecture::Gemma2),
         ("Gemma3ForCausalLM", Architecture::Gemma3),
+        // Its language model only (`VisionLanguage`); listed after the causal class so that
+        // `hf_name` names that one.
+        (GEMMA3_VISION_LANGUAGE, Architecture::Gemma3),
     ];
 
     pub fn from_hf_name(name: &str) -> Result<Self> {
@@ -51,10 +55,38 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+/// The multimodal Gemma 3 class whose text part kvgen runs.
+pub const GEMMA3_VISION_LANGUAGE: &str = "Gemma3ForConditionalGeneration";
+
+/// A vision-language checkpoint of which kvgen runs the language model (text in, text out).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionLanguage {
+    /// config.json's class name, for messages.
+    pub hf_class: &'static str,
+    /// The image placeholder id (`image_token_index`): a prompt holding it needs the vision
+    /// tower, so kvgen refuses it rather than embedding it as text.
+    pub image_token_id: usize,
+}
+
+/// Gemma3TextConfig's defaults for the sizes that real Gemma3ForConditionalGeneration configs
+/// leave out of `text_config` (gemma-3-4b-it gives only hidden/intermediate/layers, say).
+const GEMMA3_TEXT_DEFAULTS: &[(&str, u64)] = &[
+    ("vocab_size", 262_208),
+    ("hidden_size", 2304),
+    ("intermediate_size", 9216),
+    ("num_hidden_layers", 26),
+    ("num_attention_heads", 8),
+    ("num_key_value_heads", 4),
+];
+
+/// Gemma3Config's `image_token_index` default (the first id past the 262,144-token tokenizer).
+const GEMMA3_IMAGE_TOKEN_DEFAULT: u64 = 262_144;
+
 /// What the Gemma family adds to the Llama forward (transformers' Gemma2/Gemma3 modeling).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GemmaConfig {
-    /// The embedding is multiplied by sqrt(hidden_size) (in f32, as transformers' f32 buffer).
+    /// The embedding is multiplied by sqrt(hidden_size), rounded to the weights' dtype as
+    /// transformers rounds it (`ModelConfig::round_for_weights`; f32 until then).
     pub embed_scale: f32,
     /// Attention scores are scaled by query_pre_attn_scalar^-0.5, not head_dim^-0.5.
     pub attn_scale: f32,
@@ -95,6 +127,8 @@ pub struct ModelConfig {
     pub gemma: Option<GemmaConfig>,
     /// The checkpoint's dtype name as written in config.json (torch_dtype / dtype).
     pub dtype_name: Option<String>,
+    /// Set when the checkpoint is a vision-language one whose language model this config describes.
+    pub vision_language: Option<VisionLanguage>,
     /// The whole config.json, for `gen.config`.
     pub raw: Value,
 }
@@ -273,11 +307,15 @@ impl ModelConfig {
                     "qwen3" => Some("Qwen3ForCausalLM".to_string()),
                     "gemma2" => Some("Gemma2ForCausalLM".to_string()),
                     "gemma3_text" => Some("Gemma3ForCausalLM".to_string()),
+                    "gemma3" => Some(GEMMA3_VISION_LANGUAGE.to_string()),
                     _ => None,
                 })
             })
             .ok_or_else(|| Error::invalid("config.json names no `architectures` (or known `model_type`)"))?;
         let architecture = Architecture::from_hf_name(&arch_name)?;
+        if arch_name == GEMMA3_VISION_LANGUAGE {
+            return Self::gemma3_language_model(raw, origin);
+        }
         let mut cfg = Self::parse(&raw, architecture, origin)?;
         // gen.config shows the value in force, as transformers' config object does.
         if let (Some(obj), false) = (raw.as_object_mut(), cfg.raw_has_max_positions) {
@@ -288,6 +326,63 @@ impl ModelConfig {
         }
         cfg.config.raw = raw;
         Ok(cfg.config)
+    }
+
+    /// The language model of a Gemma3ForConditionalGeneration config: `text_config` with
+    /// Gemma3TextConfig's defaults for what it omits; the top-level `tie_word_embeddings`
+    /// (default true: lm_head is the language model's embedding) and `image_token_index` apply.
+    fn gemma3_language_model(mut raw: Value, origin: &Origin) -> Result<Self> {
+        let top = Fields { raw: &raw, origin };
+        let image_token_id = top
+            .uint("image_token_index", 0, limits::MAX_VOCAB, "Gemma 3 uses 262144")?
+            .or(top.uint("image_token_id", 0, limits::MAX_VOCAB, "Gemma 3 uses 262144")?)
+            .unwrap_or(GEMMA3_IMAGE_TOKEN_DEFAULT as usize);
+        let tied = top.bool("tie_word_embeddings")?.unwrap_or(true);
+        let mut text = match raw.get("text_config") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(o)) => o.clone(),
+            Some(other) => return Err(top.bad("text_config", other, "an object (the language model's config)")),
+        };
+        for (key, value) in GEMMA3_TEXT_DEFAULTS {
+            text.entry(key.to_string()).or_insert(Value::from(*value));
+        }
+        text.insert("tie_word_embeddings".into(), Value::from(tied));
+        let text = Value::Object(text);
+        let field = |f: &str| format!("`text_config.{f}`");
+        let text_origin = Origin { field: &field, fix: origin.fix };
+        let Parsed { mut config, raw_has_max_positions } = Self::parse(&text, Architecture::Gemma3, &text_origin)?;
+        if config.dtype_name.is_none() {
+            config.dtype_name =
+                raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
+        }
+        config.vision_language = Some(VisionLanguage { hf_class: GEMMA3_VISION_LANGUAGE, image_token_id });
+        // gen.config shows the values in force, where transformers' text config holds them.
+        if let Some(obj) = raw.as_object_mut() {
+            let t = obj.entry("text_config").or_insert_with(|| Value::Object(Default::default()));
+            if let Some(t) = t.as_object_mut() {
+                for (key, value) in GEMMA3_TEXT_DEFAULTS {
+                    t.entry(key.to_string()).or_insert(Value::from(*value));
+                }
+                if !raw_has_max_positions {
+                    t.insert("max_position_embeddings".into(), Value::from(config.max_position_embeddings));
+                }
+            }
+        }
+        config.raw = raw;
+        Ok(config)
+    }
+
+    /// Rounds what transformers rounds to the weights' dtype: Gemma's embedding scale
+    /// (`embed_scale.to(weight.dtype)`: sqrt(640) = 25.298 is 25.25 in bfloat16).
+    pub fn round_for_weights(&mut self, dtype: DType) {
+        let exact = (self.hidden_size as f64).sqrt();
+        if let Some(g) = self.gemma.as_mut() {
+            g.embed_scale = match dtype {
+                DType::F32 => exact as f32,
+                DType::BF16 => half::bf16::from_f64(exact).to_f32(),
+                DType::F16 => half::f16::from_f64(exact).to_f32(),
+            };
+        }
     }
 
     fn parse(raw: &Value, architecture: Architecture, origin: &Origin) -> Result<Parsed> {
@@ -365,6 +460,7 @@ impl ModelConfig {
             layer_windows,
             gemma,
             dtype_name,
+            vision_language: None,
             raw: Value::Null,
         };
         Ok(Parsed { config, raw_has_max_positions: max_pos.is_some() })
@@ -710,6 +806,59 @@ mod tests {
         assert_eq!((c.layer_windows.clone(), c.head_dim, c.qk_norm), (vec![Some(4096), None], 256, false));
         raw["hidden_activation"] = json!("relu");
         assert!(matches!(ModelConfig::from_json(raw), Err(Error::InvalidInput(m)) if m.contains("`hidden_activation`")));
+    }
+
+    #[test]
+    fn gemma_embed_scale_is_rounded_to_the_weight_dtype() {
+        let mut raw = base();
+        raw["architectures"] = json!(["Gemma3ForCausalLM"]);
+        raw["hidden_size"] = json!(640);
+        raw["num_attention_heads"] = json!(4);
+        let mut c = ModelConfig::from_json(raw).unwrap();
+        let scale = |c: &ModelConfig| c.gemma.as_ref().unwrap().embed_scale;
+        assert_eq!(scale(&c), 640f32.sqrt());
+        // transformers' `embed_scale.to(weight.dtype)` (notes 2.2 step 1: 640 -> 25.25 in bf16)
+        c.round_for_weights(DType::BF16);
+        assert_eq!(scale(&c), 25.25);
+        c.round_for_weights(DType::F16);
+        assert_eq!(scale(&c), half::f16::from_f32(640f32.sqrt()).to_f32());
+        c.round_for_weights(DType::F32);
+        assert_eq!(scale(&c), 640f32.sqrt());
+    }
+
+    #[test]
+    fn gemma3_conditional_generation_reads_the_text_config() {
+        // The shape of gemma-3-4b-it's config.json: text_config gives few sizes.
+        let raw = json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "image_token_index": 262144, "eos_token_id": [1, 106], "torch_dtype": "bfloat16",
+            "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                            "num_hidden_layers": 34, "sliding_window": 1024,
+                            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152},
+        });
+        let c = ModelConfig::from_json(raw).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.vocab_size), (2560, 34, 262_208));
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 256));
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.layer_windows[0], Some(1024));
+        assert_eq!(c.layer_windows[5], None);
+        assert_eq!(c.vision_language.as_ref().map(|v| v.image_token_id), Some(262_144));
+        assert_eq!(c.dtype_name.as_deref(), Some("bfloat16"));
+        // gen.config shows the values in force inside text_config; the top level is kept.
+        assert_eq!(c.raw["text_config"]["vocab_size"], 262_208);
+        assert_eq!(c.raw["text_config"]["max_position_embeddings"], 131_072);
+        assert_eq!(c.raw["eos_token_id"], json!([1, 106]));
+        // model_type alone names the class; a bad text value names its text_config field.
+        let m = match ModelConfig::from_json(json!({"model_type": "gemma3", "text_config": {"hidden_size": 0}})) {
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("expected InvalidInput, got {:?}", other.map(|c| c.hidden_size)),
+        };
+        assert!(m.contains("`text_config.hidden_size` = 0"), "{m}");
+        let c = ModelConfig::from_json(json!({"model_type": "gemma3", "image_token_index": 7})).unwrap();
+        assert_eq!(c.vision_language.map(|v| v.image_token_id), Some(7));
     }
 
     #[test]

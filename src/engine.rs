@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::{cpu::CpuBackend, select, select::Target, Backend};
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::llama::LlamaWeights;
 use crate::model::tp::TpPlan;
@@ -20,6 +20,58 @@ pub struct Engine {
     pub generation_config: serde_json::Value,
     pub model_path: PathBuf,
     pub dtype: DType,
+    /// What the load decided that the user should hear about, once (the frontend shows them).
+    pub notices: Vec<Notice>,
+}
+
+/// A message from loading a model: a warning (something the user may want to change) or a log
+/// line (what was done, for the record).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notice {
+    pub warning: bool,
+    pub message: String,
+}
+
+impl Notice {
+    fn warning(message: String) -> Self {
+        Notice { warning: true, message }
+    }
+    fn log(message: String) -> Self {
+        Notice { warning: false, message }
+    }
+}
+
+/// The dtype a model computes in: `resolved` (the request, or the checkpoint's dtype for
+/// "auto"), except float16 on Gemma 3, whose activations outgrow float16 (transformers computes
+/// NaN logits in it): that becomes float32 (float16 weights upcast exactly), with one warning
+/// saying how to choose.
+fn compute_dtype(config: &ModelConfig, requested: Option<DType>, resolved: DType, notices: &mut Vec<Notice>) -> DType {
+    if config.architecture != Architecture::Gemma3 || resolved != DType::F16 {
+        return resolved;
+    }
+    let why = "Gemma 3's activations exceed the float16 range (transformers computes NaN logits in float16)";
+    let choose = "pass dtype=\"float32\" to choose this and silence the warning, or dtype=\"bfloat16\" for half the \
+                  memory (weights rounded to bfloat16)";
+    notices.push(Notice::warning(match requested {
+        None => format!(
+            "this Gemma 3 checkpoint is stored in float16; {why}, so kvgen computes it in float32 (the float16 \
+             weights are upcast exactly); {choose}"
+        ),
+        Some(_) => format!("dtype=\"float16\" is not used for Gemma 3: {why}, so kvgen computes it in float32; {choose}"),
+    }));
+    DType::F32
+}
+
+/// One log line for a vision-language checkpoint: kvgen runs its language model only.
+fn vision_notice(config: &ModelConfig, source: &dyn TensorSource, notices: &mut Vec<Notice>) {
+    if let Some(vl) = &config.vision_language {
+        let skipped = crate::weights::llama::vision_tensor_count(source);
+        notices.push(Notice::log(format!(
+            "{}: kvgen generates text with its language model only; the {skipped} vision tensors (vision_tower, \
+             multi_modal_projector) are not loaded, and prompts holding the image token {} are refused",
+            vl.hf_class, vl.image_token_id
+        )));
+    }
 }
 
 /// Parses the user's `dtype=` argument; None means "auto".
@@ -88,6 +140,24 @@ impl Engine {
         Ok(())
     }
 
+    /// A vision-language checkpoint's image placeholder needs the vision tower that kvgen does not
+    /// run: an attended `image_token_id` in row `row` is refused (transformers would embed it as
+    /// text, or as id 0 when it lies past the embedding, and generate from a broken prompt).
+    pub fn check_text_only(&self, row: usize, ids: &[i64], mask: Option<&[i64]>) -> Result<()> {
+        let Some(vl) = &self.config.vision_language else { return Ok(()) };
+        let attended = |c: usize| mask.is_none_or(|m| m.get(c).copied().unwrap_or(1) != 0);
+        match ids.iter().enumerate().find(|&(c, &id)| attended(c) && id == vl.image_token_id as i64) {
+            Some((position, id)) => Err(Error::invalid(format!(
+                "token id {id} at row {row}, position {position} is the image token of this {} checkpoint \
+                 (image_token_index = {}); kvgen generates text only (the vision tower is not loaded), so prompts \
+                 cannot hold image placeholders; remove them (use text-only messages) or run the model in \
+                 transformers for image input",
+                vl.hf_class, vl.image_token_id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// A llama.cpp GGUF file: config from its metadata, tokenizer from `tokenizer.ggml.*`, weights
     /// dequantized to `dtype`, or with dtype="auto" block-quantized matrices kept as stored
     /// (the quantized kernels compute on them; other tensors become f32).
@@ -101,19 +171,21 @@ impl Engine {
         let raw = source.config_json()?;
         let generation_config = crate::weights::gguf::generation_config_json(&raw);
         // Bounded before any weight or tokenizer buffer is sized from it.
-        let config = crate::weights::gguf::model_config(&source.file, raw)?;
+        let mut config = crate::weights::gguf::model_config(&source.file, raw)?;
         let plan = TpPlan::new(&config, target.tp_degree)?;
         // "auto" keeps the quantized blocks and computes on them; an explicit dtype dequantizes.
         // Only the native kernels compute on blocks: the torch backend gets them dequantized.
         let quantized = dtype.is_none() && target.target == Target::Native;
-        let dtype = dtype.unwrap_or(DType::F32);
+        let mut notices = Vec::new();
+        let dtype = compute_dtype(&config, dtype, dtype.unwrap_or(DType::F32), &mut notices);
+        config.round_for_weights(dtype);
         let source = if quantized { source.keeping_quantized() } else { source };
         // The one place GGUF weights become matrices: quantized ones kept when `source` keeps
         // them (`Data::Quant` counts as F32, so it passes through), the rest dequantized to `dtype`.
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
         let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype })
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype, notices })
     }
 
     fn load_dir(
@@ -129,14 +201,18 @@ impl Engine {
                 message: format!("{} has no config.json; is it a transformers model directory?", dir.display()),
             });
         }
-        let config = ModelConfig::from_file(&config_path)?;
+        let mut config = ModelConfig::from_file(&config_path)?;
         let plan = TpPlan::new(&config, target.tp_degree)?;
         let source = SafetensorsSource::open_dir(dir)?;
-        let dtype = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
+        let mut notices = Vec::new();
+        let resolved = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
+        let dtype = compute_dtype(&config, dtype, resolved, &mut notices);
+        config.round_for_weights(dtype);
+        vision_notice(&config, &source, &mut notices);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
         let (tokenizer, generation_config) = read_extras(dir)?;
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype })
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype, notices })
     }
 }
 
@@ -156,7 +232,7 @@ impl Engine {
         let shards = plan.shard(&config, weights)?;
         let backend = Arc::new(crate::backend::neuron::backend::NeuronBackend::new(&config, &plan, shards, &opts)?);
         let (tokenizer, generation_config) = read_extras(&path)?;
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path, dtype })
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path, dtype, notices: Vec::new() })
     }
 }
 
@@ -202,7 +278,8 @@ fn read_checkpoint(
     let path = crate::resolve::resolve_model(name)?;
     if path.is_file() {
         let source = GgufSource::open(&path)?;
-        let config = crate::weights::gguf::model_config(&source.file, source.config_json()?)?;
+        let mut config = crate::weights::gguf::model_config(&source.file, source.config_json()?)?;
+        config.round_for_weights(dtype);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
         return Ok((path, config, weights, dtype));
     }
@@ -213,7 +290,8 @@ fn read_checkpoint(
             message: format!("{} has no config.json; is it a transformers model directory?", path.display()),
         });
     }
-    let config = ModelConfig::from_file(&config_path)?;
+    let mut config = ModelConfig::from_file(&config_path)?;
+    config.round_for_weights(dtype);
     let source = SafetensorsSource::open_dir(&path)?;
     let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
     Ok((path, config, weights, dtype))

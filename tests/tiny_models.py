@@ -327,17 +327,45 @@ def gemma_config(kind: str, tok, window: int = 6, **overrides):
     return Gemma2Config(**common, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
 
 
-def build_gemma(out: Path, kind: str, window: int = 6, dtype=torch.float32, tokenizer_dir=None, **overrides) -> Path:
-    """Saves a random Gemma ("gemma3" = Gemma3ForCausalLM, "gemma2") with the test tokenizer into `out`.
+# Gemma3Config's own fields (the rest of a "gemma3_vlm" build's overrides go to its text_config).
+GEMMA3_VLM_FIELDS = ("image_token_index", "boi_token_index", "eoi_token_index", "mm_tokens_per_image")
 
-    `overrides` go into the config (e.g. vocab_size to open a gap between embedding and tokenizer)."""
+
+def gemma3_vlm_config(tok, window: int = 6, **overrides):
+    """A tiny Gemma3ForConditionalGeneration config: the "gemma3" text config plus a one-layer
+    SigLIP vision tower (28x28 images, 2x2 patches pooled to mm_tokens_per_image = 4)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    top = {k: overrides.pop(k) for k in GEMMA3_VLM_FIELDS if k in overrides}
+    top.setdefault("mm_tokens_per_image", 4)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    text = gemma_config("gemma3", tok, window=window, **overrides)
+    return Gemma3Config(text_config=text, vision_config=vision, **top)
+
+
+def build_gemma(out: Path, kind: str, window: int = 6, dtype=torch.float32, tokenizer_dir=None, **overrides) -> Path:
+    """Saves a random Gemma ("gemma3" = Gemma3ForCausalLM, "gemma2", "gemma3_vlm" =
+    Gemma3ForConditionalGeneration) with the test tokenizer into `out`.
+
+    `overrides` go into the config (e.g. vocab_size to open a gap between embedding and tokenizer;
+    for "gemma3_vlm", GEMMA3_VLM_FIELDS go to the top level and the rest to text_config)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = _load_tokenizer_into(out, tokenizer_dir)
-    cfg = gemma_config(kind, tok, window=window, **overrides)
-    cfg.architectures = ["Gemma3ForCausalLM" if kind == "gemma3" else "Gemma2ForCausalLM"]
-    torch.manual_seed(4242 if kind == "gemma3" else 4343)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    if kind == "gemma3_vlm":
+        from transformers import Gemma3ForConditionalGeneration
+
+        cfg = gemma3_vlm_config(tok, window=window, **overrides)
+        cfg.architectures = ["Gemma3ForConditionalGeneration"]
+        torch.manual_seed(4444)
+        model = Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    else:
+        cfg = gemma_config(kind, tok, window=window, **overrides)
+        cfg.architectures = ["Gemma3ForCausalLM" if kind == "gemma3" else "Gemma2ForCausalLM"]
+        torch.manual_seed(4242 if kind == "gemma3" else 4343)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _randomize_1d_params(model, torch.Generator().manual_seed(7))
     model.eval()
     model.generation_config = GenerationConfig(

@@ -19,10 +19,20 @@ class ModelConfig:
         return dict(self._data)
 
     def __getattr__(self, name: str) -> Any:
-        # Fields absent from config.json read as None, as transformers' defaults mostly do.
+        # Fields absent from config.json read as None, as transformers' defaults mostly do. A
+        # vision-language config (Gemma3ForConditionalGeneration) keeps the language model's
+        # fields in `text_config`; they read through, as transformers' generation defaults do.
         if name.startswith("_"):
             raise AttributeError(name)
+        text = self._data.get("text_config")
+        if isinstance(text, dict):
+            return text.get(name)
         return None
+
+    def get_text_config(self, decoder: bool = False) -> "ModelConfig":
+        """transformers' `get_text_config()`: the language model's config (this one when flat)."""
+        text = self._data.get("text_config")
+        return ModelConfig(text) if isinstance(text, dict) else self
 
     def __repr__(self) -> str:
         return f"ModelConfig({self._data})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class Generator:
         self.tokenizer: Tokenizer | None = Tokenizer(native_tok) if native_tok is not None else None
         self.config = ModelConfig(json.loads(engine.config_json))
         self.generation_config = self._model_generation_config()
+        self._report_load_notices(engine)
         self._warn_tokens_past_embedding()
 
     def _warn_tokens_past_embedding(self) -> None:
@@ -162,6 +164,16 @@ class Generator:
             if hint is None:
                 raise
             raise ModelNotFoundError(f"{hint} ({e})") from e
+
+    @staticmethod
+    def _report_load_notices(engine: "_kvgen.Engine") -> None:
+        """What the load decided, once per load: warnings through `warnings` (a choice the user can
+        change, e.g. the compute dtype), the rest as log lines of the "kvgen" logger."""
+        for is_warning, message in getattr(engine, "load_notices", ()):
+            if is_warning:
+                warnings.warn(message, stacklevel=4)
+            else:
+                logging.getLogger("kvgen").warning(message)
 
     def _model_generation_config(self) -> GenerationConfig:
         data = json.loads(self._engine.generation_config_json)

@@ -82,6 +82,21 @@ impl PyEngine {
         self.scheduler.get().ok_or_else(|| to_py(Error::Internal("the scheduler did not start".into())))
     }
 
+    /// Refuses image placeholders in the attended ids (`Engine::check_text_only`), before the
+    /// id range check so that the message says what the id is.
+    fn check_text_only(&self, ids: &PyReadonlyArray2<i64>, mask: &Option<PyReadonlyArray2<i64>>) -> PyResult<()> {
+        if self.inner.config.vision_language.is_none() {
+            return Ok(()); // text checkpoints: nothing to refuse, no row copies
+        }
+        let ids = ids.as_array();
+        let mask = mask.as_ref().map(|m| m.as_array());
+        for (r, row) in ids.rows().into_iter().enumerate() {
+            let m = mask.as_ref().filter(|m| m.shape() == ids.shape()).map(|m| m.row(r).to_vec());
+            self.inner.check_text_only(r, &row.to_vec(), m.as_deref()).py()?;
+        }
+        Ok(())
+    }
+
     /// Bytes of key and value cache per sequence position on this engine's backend.
     fn cache_bytes_per_token(&self) -> usize {
         self.inner.backend.cache_bytes_per_position()
@@ -105,6 +120,7 @@ impl PyEngine {
         hooks: Option<Py<PyAny>>,
     ) -> PyResult<(Request, usize, Option<HookError>)> {
         let vocab = self.inner.config.vocab_size;
+        self.check_text_only(input_ids, attention_mask)?;
         let (prompts, _) = prompts_from(input_ids, attention_mask, vocab)?;
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
         self.inner.check_context(longest, max_new_tokens).py()?;
@@ -197,6 +213,12 @@ impl PyEngine {
     #[getter]
     fn config_json(&self) -> String {
         self.inner.config.raw.to_string()
+    }
+
+    /// (is_warning, message) for each thing the load reported (`Engine::notices`).
+    #[getter]
+    fn load_notices(&self) -> Vec<(bool, String)> {
+        self.inner.notices.iter().map(|n| (n.warning, n.message.clone())).collect()
     }
 
     #[getter]
@@ -402,6 +424,7 @@ impl PyEngine {
     ) -> PyResult<Bound<'py, PyAny>> {
         let vocab = self.inner.config.vocab_size;
         let (batch, seq) = (input_ids.shape()[0], input_ids.shape()[1]);
+        self.check_text_only(&input_ids, &attention_mask)?;
         let (prompts, valid) = prompts_from(&input_ids, &attention_mask, vocab)?;
         let engine = Arc::clone(&self.inner);
         let out = py

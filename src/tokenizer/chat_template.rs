@@ -428,8 +428,33 @@ fn tojson_filter(value: Value, kwargs: Kwargs) -> std::result::Result<Value, min
     Ok(Value::from_safe_string(out))
 }
 
+/// Marks an error the template raised itself (`raise_exception`): the template refuses the
+/// conversation (Gemma's "System role not supported", "Conversation roles must alternate ..."),
+/// which is the caller's to fix, not a fault of the template or of kvgen.
+#[derive(Debug)]
+struct RaisedByTemplate;
+
+impl std::fmt::Display for RaisedByTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("raised by the chat template")
+    }
+}
+
+impl std::error::Error for RaisedByTemplate {}
+
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg).with_source(RaisedByTemplate))
+}
+
+fn raised_by_template(err: &minijinja::Error) -> bool {
+    let mut src = std::error::Error::source(err);
+    while let Some(s) = src {
+        if s.is::<RaisedByTemplate>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 // ---- strftime_now (UTC; no tz database in the crate) ----
@@ -702,7 +727,9 @@ fn format_template_error(err: &minijinja::Error) -> String {
     }
     let mut src = std::error::Error::source(err);
     while let Some(s) = src {
-        let _ = write!(msg, ": {s}");
+        if !s.is::<RaisedByTemplate>() {
+            let _ = write!(msg, ": {s}");
+        }
         src = s.source();
     }
     msg
@@ -717,13 +744,40 @@ pub fn render(template: &str, context: &serde_json::Map<String, serde_json::Valu
         .template_from_str(&src)
         .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {}", format_template_error(&e))))?;
     let ctx = Value::from_serialize(context);
-    tmpl.render(ctx)
-        .map_err(|e| Error::Tokenizer(format!("chat template failed: {}", format_template_error(&e))))
+    tmpl.render(ctx).map_err(|e| {
+        let msg = format_template_error(&e);
+        Error::Tokenizer(if raised_by_template(&e) {
+            format!(
+                "the model's chat template rejects these messages: {msg}; change the conversation to what the \
+                 template accepts (the roles it allows, their order, the content types)"
+            )
+        } else {
+            format!("chat template failed: {msg}")
+        })
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_raised_error_says_the_messages_do_not_fit() {
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("messages".into(), serde_json::json!([{"role": "system", "content": "x"}]));
+        let t = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}";
+        match render(t, &ctx) {
+            Err(Error::Tokenizer(m)) => {
+                assert!(m.contains("rejects these messages: System role not supported (chat template line 1)"), "{m}");
+                assert!(!m.contains("raised by the chat template"), "{m}");
+            }
+            other => panic!("expected a tokenizer error, got {other:?}"),
+        }
+        match render("{{ 1 + 'a' }}", &ctx) {
+            Err(Error::Tokenizer(m)) => assert!(m.starts_with("chat template failed: "), "{m}"),
+            other => panic!("expected a tokenizer error, got {other:?}"),
+        }
+    }
 
     #[test]
     fn floats_like_python() {

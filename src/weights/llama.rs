@@ -76,6 +76,41 @@ impl Loader<'_> {
     }
 }
 
+/// Where a Gemma3ForConditionalGeneration checkpoint keeps its language model: the layer prefix
+/// and the lm_head name. transformers' `save_pretrained` writes the first (4.x and 5.x alike);
+/// checkpoints saved from 5.x's in-memory names carry the second (notes 2.3).
+const VISION_LANGUAGE_LAYOUTS: &[(&str, &str)] =
+    &[("language_model.model.", "language_model.lm_head.weight"), ("model.language_model.", "lm_head.weight")];
+
+/// The vision tower and projector of a vision-language checkpoint, under either layout.
+const VISION_PREFIXES: &[&str] =
+    &["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+
+/// The text model's tensor prefix (ends with '.') and lm_head name in `src`.
+fn text_names(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<(&'static str, &'static str)> {
+    let Some(vl) = &cfg.vision_language else { return Ok(("model.", "lm_head.weight")) };
+    VISION_LANGUAGE_LAYOUTS
+        .iter()
+        .copied()
+        .find(|(base, _)| src.contains(&format!("{base}embed_tokens.weight")))
+        .ok_or_else(|| {
+            Error::bad_file(
+                src.path_of(""),
+                format!(
+                    "config.json names {} but the checkpoint has neither `language_model.model.embed_tokens.weight` nor \
+                     `model.language_model.embed_tokens.weight`; the weights do not belong to this config",
+                    vl.hf_class
+                ),
+            )
+        })
+}
+
+/// How many tensors of `src` belong to a vision tower or projector (a vision-language
+/// checkpoint's parts that kvgen's text model leaves unread).
+pub fn vision_tensor_count(src: &dyn TensorSource) -> usize {
+    src.names().iter().filter(|n| VISION_PREFIXES.iter().any(|p| n.starts_with(p))).count()
+}
+
 /// Loads every weight of a Llama-family checkpoint, converting matrices to `dtype` (no copy when
 /// equal). `progress(done, total)` is called after each layer and at the end.
 pub fn load(
@@ -85,6 +120,7 @@ pub fn load(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LlamaWeights> {
     let l = Loader { src, dtype };
+    let (base, head_name) = text_names(src, cfg)?;
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     // No overflow: ModelConfig bounds heads and head_dim (<= 4096 each) and the layer count.
     let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
@@ -92,7 +128,7 @@ pub fn load(
     let total = cfg.num_hidden_layers + 1;
     for i in 0..cfg.num_hidden_layers {
         progress(i, total);
-        let p = format!("model.layers.{i}");
+        let p = format!("{base}layers.{i}");
         let attn = format!("{p}.self_attn");
         let mlp = format!("{p}.mlp");
         // Gemma: (1 + w) norms, four per layer (its pre_feedforward_layernorm is the norm before
@@ -143,19 +179,20 @@ pub fn load(
             down_bias: l.optional_vector(&format!("{mlp}.down_proj.bias"), h, mlp_bias)?,
         });
     }
-    let embed = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+    let embed = l.matrix(&format!("{base}embed_tokens.weight"), cfg.vocab_size, h)?;
     // Tied checkpoints usually omit lm_head; an untied one that lacks it is an error.
     let lm_head = if cfg.tie_word_embeddings {
         None
-    } else if src.contains("lm_head.weight") {
-        Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?)
+    } else if src.contains(head_name) {
+        Some(l.matrix(head_name, cfg.vocab_size, h)?)
     } else {
         return Err(Error::bad_file(
-            src.path_of("lm_head.weight"),
-            "checkpoint lacks `lm_head.weight` and config.json has tie_word_embeddings=false",
+            src.path_of(head_name),
+            format!("checkpoint lacks `{head_name}` and config.json has tie_word_embeddings=false"),
         ));
     };
-    let norm = if cfg.gemma.is_some() { l.gemma_norm("model.norm.weight", h)? } else { l.vector("model.norm.weight", h)? };
+    let norm_name = format!("{base}norm.weight");
+    let norm = if cfg.gemma.is_some() { l.gemma_norm(&norm_name, h)? } else { l.vector(&norm_name, h)? };
     progress(total, total);
     Ok(LlamaWeights { embed, layers, norm, lm_head })
 }

@@ -20,4 +20,8 @@ pub trait TensorSource {
     fn path_of(&self, name: &str) -> PathBuf;
     /// The dtype most weights are stored in (for dtype="auto").
     fn dominant_dtype(&self) -> Option<crate::tensor::DType>;
+    /// Every tensor name (for reporting what a loader leaves unread); empty where unknown.
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -169,6 +169,10 @@ impl TensorSource for SafetensorsSource {
         self.maps.get(shard).map(|(p, _)| p.clone()).unwrap_or_default()
     }
 
+    fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
     fn dominant_dtype(&self) -> Option<DType> {
         let mut counts: HashMap<DType, usize> = HashMap::new();
         for e in self.entries.values() {
