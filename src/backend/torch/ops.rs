@@ -168,17 +168,14 @@ impl Ops for TorchOps<'_> {
     }
 
     fn rotary(&mut self, index: usize, _rope: &Rope) -> Result<(Tensor, Tensor)> {
-        // The plan computed the step's cos/sin on the host with the model's rope (fixed buffers
+        // The plan computed the step's cos/sin on the host with the model's ropes (fixed buffers
         // that a recorded graph reads).
-        if index == 1 {
-            return Err(Error::invalid(
-                "Gemma 3's local rope (its sliding layers) is not yet on the torch backend; use device=\"cpu\" for this model",
-            ));
-        }
-        if index != 0 {
-            return Err(Error::Internal(format!("the torch step plan has no rotary tables for rope {index}")));
-        }
-        Ok((self.plan.cos.shallow_clone(), self.plan.sin.shallow_clone()))
+        let (cos, sin) = match (index, &self.plan.local) {
+            (0, _) => (&self.plan.cos, &self.plan.sin),
+            (1, Some((cos, sin))) => (cos, sin),
+            _ => return Err(Error::Internal(format!("the torch step plan has no rotary tables for rope {index}"))),
+        };
+        Ok((cos.shallow_clone(), sin.shallow_clone()))
     }
 
     fn rms_norm(&mut self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
