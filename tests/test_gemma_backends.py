@@ -14,7 +14,10 @@ Per backend and kind: full-forward logits (gen.logits(), a left-padded batch who
 far longer than the sliding window, and that row alone; Neuron has no full forward, so there the
 per-step logits of generate() are compared, the prefill step being the last position of each
 row's full forward), greedy tokens of single prompts and of a left-padded batch with the window
-(6) shorter than prompt + output, equal to transformers and to the native backend.
+(6) shorter than prompt + output, equal to transformers and to the native backend. Neuron's
+default bf16 graphs are checked as test_neuron_xla.py checks every other kind's (measured here:
+prefill ~1e-5 vs the native backend in bf16, the next step ~0.04, 0.4-2% of the logit scale vs
+transformers f32).
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def gemma_hf(gemma_dir):
         return cache[kind]
 
     return get
+
+
+# bf16 Neuron graphs (the Neuron default dtype): weights and caches in bf16, arithmetic in f32, as
+# test_neuron_xla.py measures them: the prefill against the native backend with the same bf16
+# weights (f32 arithmetic there too), the next step reading bf16 caches (the native backend keeps
+# f32 ones), and transformers in f32 relative to the logit scale.
+BF16_ATOL, BF16_CACHE_ATOL, BF16_VS_F32 = 1e-3, 0.25, 0.06
 
 
 def _load(kvgen, path, backend):
@@ -267,3 +277,25 @@ def test_torch_graph_path_emulated_equals_eager(kind, kvgen, hf_tok, gemma_dir, 
     d = eager.generate(enc["input_ids"][1:], attention_mask=enc["attention_mask"][1:], max_new_tokens=30, do_sample=False)
     assert torch.equal(c, d)
     assert "CUDA graph" not in capfd.readouterr().err, "the graph path failed and fell back to eager"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_neuron_bf16_graphs_within_tolerance(kind, kvgen, hf_tok, gemma_dir, gemma_hf):
+    pytest.importorskip("jax", reason="jax==0.10.2 / jaxlib==0.10.2 run the Neuron graphs on XLA:CPU")
+    path = str(gemma_dir(kind))
+    gen = kvgen.Generator.from_pretrained(path, device="neuron", tp_degree=2, neuron_executor="xla-cpu", **NEURON_SET)
+    assert gen.dtype == "bfloat16"
+    cpu = kvgen.Generator.from_pretrained(path, backend="native", dtype="bfloat16")
+    enc = hf_tok(PROMPTS[3], return_tensors="pt")
+    assert enc["input_ids"].shape[1] > WINDOW
+    kw = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    ours, theirs = gen.generate(enc["input_ids"], **kw), cpu.generate(enc["input_ids"], **kw)
+    assert torch.equal(to_torch(ours.sequences), to_torch(theirs.sequences)), kind
+    for step, tol in enumerate((BF16_ATOL, BF16_CACHE_ATOL)):
+        a, b = to_torch(ours.logits[step]).float(), to_torch(theirs.logits[step]).float()
+        diff = (a - b).abs().max().item()
+        assert diff <= tol, f"{kind} bf16 step {step}: max |diff| {diff:.3g} vs the native backend in bf16"
+    ref = hf_forward_logits(gemma_hf(kind), enc["input_ids"])[0, -1]
+    got = to_torch(ours.logits[0])[0].float()
+    rel = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert rel <= BF16_VS_F32, f"{kind} bf16: max |diff| {rel:.3g} of the logit scale vs transformers f32"
