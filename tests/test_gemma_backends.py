@@ -66,6 +66,14 @@ def gemma_dir(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def gemma_mqa_dir(tmp_path_factory, tokenizer_dir):
+    """Gemma 3 with one kv head (as Gemma 3 270M / 1B): at tp 2 both ranks hold it."""
+    return build_gemma(
+        tmp_path_factory.mktemp("gemma3-mqa"), "gemma3", window=WINDOW, tokenizer_dir=tokenizer_dir, num_key_value_heads=1
+    )
+
+
+@pytest.fixture(scope="module")
 def gemma_hf(gemma_dir):
     cache: dict = {}
 
@@ -299,3 +307,19 @@ def test_neuron_bf16_graphs_within_tolerance(kind, kvgen, hf_tok, gemma_dir, gem
     got = to_torch(ours.logits[0])[0].float()
     rel = (got - ref).abs().max().item() / ref.abs().max().item()
     assert rel <= BF16_VS_F32, f"{kind} bf16: max |diff| {rel:.3g} of the logit scale vs transformers f32"
+
+
+@pytest.mark.parametrize("backend", ["native-tp2", "neuron-tp2"])
+def test_one_kv_head_replicated_at_tp2(backend, kvgen, hf_tok, gemma_mqa_dir):
+    """One kv head (and its k_norm) held by both ranks while the query heads split."""
+    hf = load_hf(gemma_mqa_dir)
+    assert hf.config.num_key_value_heads == 1
+    gen = _load(kvgen, str(gemma_mqa_dir), backend)
+    enc = _left_padded(hf_tok, PROMPTS)
+    prompt_len = enc["input_ids"].shape[1]
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    ref = hf_generate(hf, **enc, **kw)
+    out = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    what, eos = f"gemma3 1 kv head {backend}", eos_ids_of(hf)
+    assert_sequences_match(out.sequences, ref, prompt_len, what=what, eos_ids=eos, min_compared=len(PROMPTS) * len(ref.logits))
+    _assert_step_logits(out, ref, prompt_len, eos, LOGITS_ATOL[backend], what)
