@@ -15,7 +15,16 @@ import pytest
 import torch
 
 import kvgen
-from tiny_models import ALL_KINDS, PROMPTS, assert_sequences_match, eos_ids_of, hf_generate, load_hf, logits_scale
+from tiny_models import (
+    ALL_KINDS,
+    PROMPTS,
+    assert_sequences_match,
+    build_gemma,
+    eos_ids_of,
+    hf_generate,
+    load_hf,
+    logits_scale,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -170,6 +179,73 @@ def test_cuda_graph_decode_equals_eager(kind, hf_tok, model_dir, monkeypatch, ca
     eager = kvgen.Generator.from_pretrained(str(model_dir(kind)), device="cuda")
     a = graphs.generate(enc["input_ids"], **kwargs)
     a2 = graphs.generate(enc["input_ids"], **kwargs)  # recorded again for the new cache
+    b = eager.generate(enc["input_ids"], **kwargs)
+    assert "CUDA graph" not in capfd.readouterr().err, "capture or replay failed and fell back to eager"
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_array_equal(a.sequences, a2.sequences)
+    assert len(a.logits) == len(b.logits) == 24, (len(a.logits), len(b.logits))
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        diff = np.abs(np.asarray(x) - np.asarray(y)).max()
+        assert diff <= 1e-4, f"{kind}: step {step} graph vs eager logits differ by {diff:.3g}"
+
+
+# -- Gemma 2 / Gemma 3 text (the fixtures of test_gemma.py: window 6 < prompt + output) -------------
+
+GEMMA_KINDS = ["gemma3", "gemma2"]
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory, tokenizer_dir):
+    dirs: dict = {}
+
+    def get(kind: str):
+        if kind not in dirs:
+            dirs[kind] = build_gemma(tmp_path_factory.mktemp(kind), kind, window=6, tokenizer_dir=tokenizer_dir)
+        return dirs[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", GEMMA_KINDS)
+def test_gemma_f32_greedy_identical_to_transformers_on_gpu(kind, hf_tok, gemma_dir):
+    """Gemma 3's two ropes and Gemma 2's softcapped (eager, not SDPA) attention on the GPU, with
+    CUDA-graph decoding on: tokens equal to transformers' eager run on the same GPU, per-step
+    logits close (GPU reductions differ from the CPU's, f32 both sides)."""
+    hf = load_hf(gemma_dir(kind), attn_implementation="eager").to("cuda")
+    enc = _enc(hf_tok)
+    prompt_len = enc["input_ids"].shape[1]
+    ref = hf_generate(
+        hf, **enc, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    ref.sequences = ref.sequences.cpu()
+    ref.logits = tuple(x.float().cpu() for x in ref.logits)
+    gen = kvgen.Generator.from_pretrained(str(gemma_dir(kind)), device="cuda")
+    assert gen.device == "cuda"
+    out = gen.generate(
+        enc["input_ids"].cpu(), attention_mask=enc["attention_mask"].cpu(), max_new_tokens=NEW_TOKENS,
+        do_sample=False, return_dict_in_generate=True, output_logits=True,
+    )
+    assert_sequences_match(out.sequences, ref, prompt_len, what=f"{kind} cuda f32", eos_ids=eos_ids_of(hf))
+    first = torch.as_tensor(np.asarray(out.logits[0]))
+    diff = (first - ref.logits[0]).abs().max().item()
+    assert diff <= 1e-3, f"{kind} cuda f32: prefill logits max |diff| {diff:.3g} (scale {logits_scale(ref.logits[0]):.3g})"
+
+
+@pytest.mark.parametrize("kind", GEMMA_KINDS)
+def test_gemma_cuda_graph_decode_equals_eager(kind, hf_tok, gemma_dir, monkeypatch, capfd):
+    """Recorded decode graphs read both ropes' cos/sin buffers and run the softcapped attention
+    over the whole bucket: the eager steps' tokens and logits."""
+    assert kvgen._kvgen.CUDA_GRAPHS, "this wheel's CUDA-graph shim was built as stubs (no CUDA headers)"
+    enc = hf_tok(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    kwargs = dict(
+        attention_mask=enc["attention_mask"], max_new_tokens=24, min_new_tokens=24, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    graphs = kvgen.Generator.from_pretrained(str(gemma_dir(kind)), device="cuda")
+    monkeypatch.setenv("KVGEN_CUDA_GRAPHS", "0")
+    eager = kvgen.Generator.from_pretrained(str(gemma_dir(kind)), device="cuda")
+    a = graphs.generate(enc["input_ids"], **kwargs)
+    a2 = graphs.generate(enc["input_ids"], **kwargs)
     b = eager.generate(enc["input_ids"], **kwargs)
     assert "CUDA graph" not in capfd.readouterr().err, "capture or replay failed and fell back to eager"
     np.testing.assert_array_equal(a.sequences, b.sequences)

@@ -29,7 +29,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvgen.errors import InvalidInputError
 from tiny_models import assert_sequences_match, build_gemma, build_model, eos_ids_of, hf_forward_logits, hf_generate, load_hf
 
 NEW = 8
@@ -528,12 +527,6 @@ def test_larger_embedding_on_the_torch_backend_llama(kvgen, big_llama_dir, hf_to
     _gap_on_backend(kvgen, big_llama_dir, BACKENDS["torch_cpu"], hf_tok, prompt, target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidInputError,
-    reason="Gemma 3's sliding-layer rope is not on the torch backend yet (branch gemma-backends); "
-    "remove this mark when it lands",
-)
 def test_larger_embedding_on_the_torch_backend_gemma(kvgen, big_dir, hf_tok, prompt, target):
     _needs(kvgen, BACKENDS["torch_cpu"])
     _gap_on_backend(kvgen, big_dir, BACKENDS["torch_cpu"], hf_tok, prompt, target)

@@ -317,6 +317,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn gemma_norms_are_replicated_on_every_rank() {
+        // q/k norms act per head (head_dim wide) and the sandwich norms on the all-reduced hidden
+        // state: every rank needs the whole vector, never a shard of it.
+        let cfg = config(4, 2, true);
+        let mut w = weights(&cfg);
+        let v = |n: usize, salt: f32| (0..n).map(|i| i as f32 + salt).collect::<Vec<_>>();
+        let l = &mut w.layers[0];
+        (l.q_norm, l.k_norm) = (Some(v(4, 0.1)), Some(v(4, 0.2)));
+        (l.attn_out_norm, l.mlp_out_norm) = (Some(v(16, 0.3)), Some(v(16, 0.4)));
+        let plan = TpPlan::new(&cfg, 2).unwrap();
+        for s in plan.shard(&cfg, w).unwrap() {
+            let l = &s.layers[0];
+            assert_eq!(l.qk_norm, Some((v(4, 0.1), v(4, 0.2))));
+            assert_eq!(l.sandwich, Some((v(16, 0.3), v(16, 0.4))));
+            assert_eq!((l.input_norm.len(), l.post_norm.len(), s.norm.len()), (16, 16, 16));
+        }
+    }
+
+    #[test]
     fn fewer_kv_heads_than_ranks_replicate_the_shared_head() {
         // 4 query heads, 1 kv head (MQA), 4 ranks: every rank holds kv head 0.
         let cfg = config(4, 1, true);

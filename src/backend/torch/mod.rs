@@ -156,7 +156,7 @@ impl TorchBackend {
         }
         let State { model, kind, arena, .. } = st;
         let grouping = Grouping::new(arena, seqs, false)?;
-        let plan = StepPlan::new(&model.cfg, *kind, &model.rope, &grouping, seqs, all_positions, self.device)?;
+        let plan = StepPlan::new(&model.cfg, *kind, &model.rope, model.local_rope.as_ref(), &grouping, seqs, all_positions, self.device)?;
         let logits = forward(model, *kind, &plan, arena)?;
         to_host(&logits)
     }
@@ -177,7 +177,7 @@ impl TorchBackend {
         let State { model, kind, arena, graphs, .. } = st;
         let kind = *kind;
         if let Some(g) = graphs.get_mut(&key) {
-            let mut host = StepPlan::new(&model.cfg, kind, &model.rope, grouping, seqs, false, Device::Cpu)?;
+            let mut host = StepPlan::new(&model.cfg, kind, &model.rope, model.local_rope.as_ref(), grouping, seqs, false, Device::Cpu)?;
             g.plan.fill_from(&mut host)?;
             return match &g.graph {
                 Some(graph) => {
@@ -188,7 +188,7 @@ impl TorchBackend {
             };
         }
         // Fixed input buffers, filled with this step's values.
-        let plan = StepPlan::new(&model.cfg, kind, &model.rope, grouping, seqs, false, self.device)?;
+        let plan = StepPlan::new(&model.cfg, kind, &model.rope, model.local_rope.as_ref(), grouping, seqs, false, self.device)?;
         let (Device::Cuda(index), true) = (self.device, self.record_graphs) else {
             let logits = forward(model, kind, &plan, arena)?;
             let out = to_host(&logits)?;

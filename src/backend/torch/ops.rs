@@ -98,6 +98,32 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, hd: i64) -> Result<Tensor> {
     x.f_mul(cos).and_then(|a| rot.f_mul(sin).and_then(|b| a.f_add(&b))).map_err(tch_err)
 }
 
+/// Attention with logit softcapping (Gemma 2), which scaled_dot_product_attention has no
+/// argument for: transformers' eager path, step by step. Scores QK^T * scale and the cap
+/// tanh(s / cap) * cap in the compute dtype, the cap before the mask, softmax in f32, cast back.
+/// `mask` (true: visible) broadcasts over the scores [.., queries, keys].
+fn softcapped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f32, cap: f32, kind: Kind) -> Result<Tensor> {
+    let cap = f64::from(cap);
+    let scores = k
+        .f_transpose(-2, -1)
+        .and_then(|kt| q.f_matmul(&kt))
+        .and_then(|s| s.f_mul_scalar(f64::from(scale)))
+        .and_then(|s| s.f_div_scalar(cap))
+        .and_then(|s| s.f_tanh())
+        .and_then(|s| s.f_mul_scalar(cap))
+        .map_err(tch_err)?;
+    // Masked scores get f32's lowest value (transformers adds finfo.min) after the upcast, so they
+    // weigh exactly zero and a row is never all -inf.
+    let hidden = mask.f_logical_not().map_err(tch_err)?;
+    scores
+        .f_to_kind(Kind::Float)
+        .and_then(|s| s.f_masked_fill(&hidden, f64::from(f32::MIN)))
+        .and_then(|s| s.f_softmax(-1, Kind::Float))
+        .and_then(|p| p.f_to_kind(kind))
+        .and_then(|p| p.f_matmul(v))
+        .map_err(tch_err)
+}
+
 impl TorchOps<'_> {
     fn grid(&self) -> (i64, i64) {
         (self.plan.batch, self.plan.t_max)
@@ -147,9 +173,15 @@ impl TorchOps<'_> {
             .map(|(_, m)| m)
             .ok_or_else(|| Error::Internal("no attention mask for a layer window".into()))?;
         let mask = if n_rep > 1 { mask.f_repeat([1, 1, n_rep, 1]).map_err(tch_err)? } else { mask.shallow_clone() };
-        let scale = spec.scale.map(f64::from);
-        Tensor::f_scaled_dot_product_attention(&qg, &kc, &vc, Some(&mask), 0.0, false, scale, false)
-            .and_then(|o| o.f_reshape([g.len, nh, t, hd]))
+        let out = match spec.softcap {
+            Some(cap) => softcapped_attention(&qg, &kc, &vc, &mask, spec.scale_or_default(), cap, self.kind)?,
+            None => {
+                let scale = spec.scale.map(f64::from);
+                Tensor::f_scaled_dot_product_attention(&qg, &kc, &vc, Some(&mask), 0.0, false, scale, false)
+                    .map_err(tch_err)?
+            }
+        };
+        out.f_reshape([g.len, nh, t, hd])
             .and_then(|o| o.f_transpose(1, 2))
             .and_then(|o| o.f_reshape([g.len, t, nh * hd]))
             .map_err(tch_err)
@@ -168,17 +200,14 @@ impl Ops for TorchOps<'_> {
     }
 
     fn rotary(&mut self, index: usize, _rope: &Rope) -> Result<(Tensor, Tensor)> {
-        // The plan computed the step's cos/sin on the host with the model's rope (fixed buffers
+        // The plan computed the step's cos/sin on the host with the model's ropes (fixed buffers
         // that a recorded graph reads).
-        if index == 1 {
-            return Err(Error::invalid(
-                "Gemma 3's local rope (its sliding layers) is not yet on the torch backend; use device=\"cpu\" for this model",
-            ));
-        }
-        if index != 0 {
-            return Err(Error::Internal(format!("the torch step plan has no rotary tables for rope {index}")));
-        }
-        Ok((self.plan.cos.shallow_clone(), self.plan.sin.shallow_clone()))
+        let (cos, sin) = match (index, &self.plan.local) {
+            (0, _) => (&self.plan.cos, &self.plan.sin),
+            (1, Some((cos, sin))) => (cos, sin),
+            _ => return Err(Error::Internal(format!("the torch step plan has no rotary tables for rope {index}"))),
+        };
+        Ok((cos.shallow_clone(), sin.shallow_clone()))
     }
 
     fn rms_norm(&mut self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
@@ -225,12 +254,6 @@ impl Ops for TorchOps<'_> {
     }
 
     fn attend(&mut self, spec: &AttnSpec, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
-        if spec.softcap.is_some() {
-            // scaled_dot_product_attention has no softcap (transformers runs Gemma 2 eager).
-            return Err(Error::invalid(
-                "attention logit softcapping (Gemma 2) is not yet on the torch backend; use device=\"cpu\" for this model",
-            ));
-        }
         let (b, t) = self.grid();
         let (nh, nkv, hd) = (spec.heads as i64, spec.kv_heads as i64, spec.head_dim as i64);
         let q = q.f_view([b, t, nh, hd]).map_err(tch_err)?;

@@ -132,6 +132,8 @@ pub struct StepPlan {
     pub tokens: Tensor,
     pub cos: Tensor,
     pub sin: Tensor,
+    /// cos/sin of the model's second rope (Gemma 3's sliding layers: rotary index 1), if any.
+    pub local: Option<(Tensor, Tensor)>,
     pub groups: Vec<GroupPlan>,
     /// Where each sequence's attention output sits in the groups' concatenated outputs (None
     /// when in order).
@@ -154,6 +156,7 @@ impl StepPlan {
         cfg: &ModelConfig,
         kind: Kind,
         rope: &Rope,
+        local_rope: Option<&Rope>,
         grouping: &Grouping,
         seqs: &[SeqInput],
         all_positions: bool,
@@ -190,6 +193,7 @@ impl StepPlan {
         // to the compute dtype on the device as transformers casts them. Rope frequencies follow
         // the real length, also when a recorded graph attends over whole buckets.
         let (cos, sin) = rope.tables(positions.iter().copied(), needed);
+        let local = local_rope.map(|r| r.tables(positions.iter().copied(), needed));
         let shape = [b as i64, t_max as i64, 1, hd as i64];
         let trig = |v: &[f32]| -> Result<Tensor> {
             Tensor::f_from_slice(v)
@@ -263,6 +267,10 @@ impl StepPlan {
             tokens: up_i64(&tokens, device)?,
             cos: trig(&cos)?,
             sin: trig(&sin)?,
+            local: match &local {
+                Some((c, s)) => Some((trig(c)?, trig(s)?)),
+                None => None,
+            },
             groups,
             unperm,
             out_idx: up_i64(&out_idx, device)?,
@@ -272,6 +280,9 @@ impl StepPlan {
     /// Every tensor of the plan, in a fixed order (equal layouts give equal lists of shapes).
     fn buffers(&mut self) -> Vec<&mut Tensor> {
         let mut out = vec![&mut self.tokens, &mut self.cos, &mut self.sin, &mut self.out_idx];
+        if let Some((c, s)) = &mut self.local {
+            out.extend([c, s]);
+        }
         out.extend(self.unperm.as_mut());
         for g in &mut self.groups {
             out.extend(g.rows.as_mut());
