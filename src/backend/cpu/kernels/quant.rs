@@ -218,7 +218,7 @@ pub(super) unsafe fn chunk(
     let rb = row_bytes(kind, cols);
     #[cfg(target_arch = "x86_64")]
     if avx {
-        return avx2::chunk(kind, w, rb, xa, n, rows, o0, o1, bias, out);
+        return avx2::chunk(kind, w, rb, xa, n, rows, o0, o1, bias, out, super::use_avx512vnni());
     }
     let _ = avx;
     for o in o0..o1 {
@@ -238,7 +238,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::dot::hsum;
-    use super::{decode, has_min, QActs, QB};
+    use super::{has_min, scale_min_k4, QActs, QB};
     use crate::tensor::GgmlType;
 
     /// A block type as the AVX2 kernel sees it: 32-block `b` of a row decoded into 32 i8 values
@@ -246,6 +246,8 @@ mod avx2 {
     trait Kind {
         const SIGNED: bool;
         const MIN: bool;
+        /// Two scales per 32-block (Q6_K's 16-element groups); the others have one.
+        const SPLIT: bool = false;
         unsafe fn load(row: *const u8, b: usize) -> (__m256i, f32, f32, f32);
     }
 
@@ -299,27 +301,92 @@ mod avx2 {
         }
     }
 
-    /// The other types: scalar decode of the block, then the same integer dot (correct, slower).
-    struct Generic<const K: u32>;
-    const fn kind_of(k: u32) -> GgmlType {
-        match k {
-            6 => GgmlType::Q5_0,
-            7 => GgmlType::Q5_1,
-            12 => GgmlType::Q4K,
-            13 => GgmlType::Q5K,
-            _ => GgmlType::Q6K,
-        }
+    /// Bit i of `bits` as byte i of the result: 0x10 where set (the fifth bit of element i).
+    #[inline(always)]
+    unsafe fn fifth_bits(bits: u32) -> __m256i {
+        // Byte k takes byte k / 8 of `bits` (shuffle_epi8 indexes within each 128-bit lane).
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        );
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
-    impl<const K: u32> Kind for Generic<K> {
+
+    struct Q5_0;
+    impl Kind for Q5_0 {
         const SIGNED: bool = true;
-        const MIN: bool = matches!(K, 7 | 12 | 13);
+        const MIN: bool = false;
         #[inline(always)]
         unsafe fn load(row: *const u8, b: usize) -> (__m256i, f32, f32, f32) {
-            let kind = kind_of(K);
-            // Only the blocks up to b are read; the caller guarantees the row holds them.
-            let bytes = std::slice::from_raw_parts(row, (b / (kind.block_size() / QB) + 1) * kind.type_size());
-            let s = decode(kind, bytes, b);
-            (_mm256_loadu_si256(s.v.as_ptr() as *const __m256i), s.lo, s.hi, s.min)
+            let p = row.add(b * 22);
+            let d = f16at(p);
+            let qh = std::ptr::read_unaligned(p.add(2) as *const u32);
+            let v = _mm256_or_si256(nibbles(p.add(6)), fifth_bits(u32::from_le(qh)));
+            (_mm256_sub_epi8(v, _mm256_set1_epi8(16)), d, d, 0.0)
+        }
+    }
+
+    struct Q5_1;
+    impl Kind for Q5_1 {
+        const SIGNED: bool = false;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, b: usize) -> (__m256i, f32, f32, f32) {
+            let p = row.add(b * 24);
+            let qh = std::ptr::read_unaligned(p.add(4) as *const u32);
+            let d = f16at(p);
+            (_mm256_or_si256(nibbles(p.add(8)), fifth_bits(u32::from_le(qh))), d, d, f16at(p.add(2)))
+        }
+    }
+
+    /// Q4_K (FIVE = false) and Q5_K: 32-block s of a 256-super-block holds the low (s even) or
+    /// high nibbles of 32 bytes, Q5_K's fifth bit s of 32 more bytes, a 6-bit scale and minimum.
+    struct KQuant<const FIVE: bool>;
+    impl<const FIVE: bool> Kind for KQuant<FIVE> {
+        const SIGNED: bool = false;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, b: usize) -> (__m256i, f32, f32, f32) {
+            let (ts, qs0) = if FIVE { (176, 48) } else { (144, 16) };
+            let (sb, s) = (b / 8, b % 8);
+            let p = row.add(sb * ts);
+            let (sc, mn) = scale_min_k4(s, std::slice::from_raw_parts(p.add(4), 12));
+            let q = _mm256_loadu_si256(p.add(qs0 + (s / 2) * 32) as *const __m256i);
+            let shift = _mm_cvtsi32_si128(((s % 2) * 4) as i32);
+            let mut v = _mm256_and_si256(_mm256_srl_epi16(q, shift), _mm256_set1_epi8(0xF));
+            if FIVE {
+                let bit = _mm256_set1_epi8((1u8 << s) as i8);
+                let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+            }
+            let d1 = f16at(p) * sc as f32;
+            (v, d1, d1, -(f16at(p.add(2)) * mn as f32))
+        }
+    }
+
+    /// Q6_K: 32-block j of a 256-super-block: 4 low bits from a nibble of `ql`, 2 high bits from
+    /// `qh`, minus 32; one scale per 16 elements.
+    struct Q6K;
+    impl Kind for Q6K {
+        const SIGNED: bool = true;
+        const MIN: bool = false;
+        const SPLIT: bool = true;
+        #[inline(always)]
+        unsafe fn load(row: *const u8, b: usize) -> (__m256i, f32, f32, f32) {
+            let (sb, j) = (b / 8, b % 8);
+            let p = row.add(sb * 210);
+            let (half, jj) = (j / 4, j % 4);
+            let ql = _mm256_loadu_si256(p.add(half * 64 + (jj % 2) * 32) as *const __m256i);
+            let lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((4 * (jj / 2)) as i32)), _mm256_set1_epi8(0xF));
+            let qh = _mm256_loadu_si256(p.add(128 + half * 32) as *const __m256i);
+            let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128((2 * jj) as i32)), _mm256_set1_epi8(3));
+            let v = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
+            let d = f16at(p.add(208));
+            let (s0, s1) = (*p.add(192 + 2 * j) as i8, *p.add(193 + 2 * j) as i8);
+            (_mm256_sub_epi8(v, _mm256_set1_epi8(32)), d * s0 as f32, d * s1 as f32, 0.0)
         }
     }
 
@@ -335,43 +402,65 @@ mod avx2 {
         o1: usize,
         bias: Option<&[f32]>,
         out: *mut f32,
+        vnni: bool,
     ) {
         debug_assert_eq!(has_min(kind), matches!(kind, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K));
         let a = (w.as_ptr(), rb, xa, n, rows, o0, o1, bias, out);
-        match kind {
-            GgmlType::Q4_0 => tiles::<Q4_0>(a),
-            GgmlType::Q4_1 => tiles::<Q4_1>(a),
-            GgmlType::Q8_0 => tiles::<Q8_0>(a),
-            GgmlType::Q5_0 => tiles::<Generic<6>>(a),
-            GgmlType::Q5_1 => tiles::<Generic<7>>(a),
-            GgmlType::Q4K => tiles::<Generic<12>>(a),
-            GgmlType::Q5K => tiles::<Generic<13>>(a),
-            GgmlType::Q6K => tiles::<Generic<14>>(a),
-            _ => {}
+        macro_rules! by_kind {
+            ($tiles:ident) => {
+                match kind {
+                    GgmlType::Q4_0 => $tiles::<Q4_0>(a),
+                    GgmlType::Q4_1 => $tiles::<Q4_1>(a),
+                    GgmlType::Q8_0 => $tiles::<Q8_0>(a),
+                    GgmlType::Q5_0 => $tiles::<Q5_0>(a),
+                    GgmlType::Q5_1 => $tiles::<Q5_1>(a),
+                    GgmlType::Q4K => $tiles::<KQuant<false>>(a),
+                    GgmlType::Q5K => $tiles::<KQuant<true>>(a),
+                    GgmlType::Q6K => $tiles::<Q6K>(a),
+                    _ => {}
+                }
+            };
+        }
+        if vnni {
+            by_kind!(tiles_vnni)
+        } else {
+            by_kind!(tiles)
         }
     }
 
     type Args<'a> = (*const u8, usize, &'a QActs, usize, usize, usize, usize, Option<&'a [f32]>, *mut f32);
 
-    /// Weight rows in groups of W against x rows in groups of R (decode: 1 x 4; batches: 4 x 2).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tiles<K: Kind>(a: Args) {
+        tiles_with::<K, false>(a)
+    }
+
+    /// The same tiles with AVX-512 VNNI's `vpdpbusd` for the integer sums: the same exact lane
+    /// sums in one instruction instead of two, so the same bits.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn tiles_vnni<K: Kind>(a: Args) {
+        tiles_with::<K, true>(a)
+    }
+
+    /// Weight rows in groups of W against x rows in groups of R (decode: 1 x 4; batches: 4 x 2).
+    #[inline(always)]
+    unsafe fn tiles_with<K: Kind, const VNNI: bool>(a: Args) {
         let (w, rb, xa, n, rows, o0, o1, bias, out) = a;
         let mut o = o0;
         if n == 1 {
             while o + 4 <= o1 {
-                tile::<K, 1, 4>(w, rb, xa, 0, o, rows, bias, out);
+                tile::<K, VNNI, 1, 4>(w, rb, xa, 0, o, rows, bias, out);
                 o += 4;
             }
         } else {
             while o + 2 <= o1 {
                 let mut r = 0;
                 while r + 4 <= n {
-                    tile::<K, 4, 2>(w, rb, xa, r, o, rows, bias, out);
+                    tile::<K, VNNI, 4, 2>(w, rb, xa, r, o, rows, bias, out);
                     r += 4;
                 }
                 while r < n {
-                    tile::<K, 1, 2>(w, rb, xa, r, o, rows, bias, out);
+                    tile::<K, VNNI, 1, 2>(w, rb, xa, r, o, rows, bias, out);
                     r += 1;
                 }
                 o += 2;
@@ -379,7 +468,7 @@ mod avx2 {
         }
         while o < o1 {
             for r in 0..n {
-                tile::<K, 1, 1>(w, rb, xa, r, o, rows, bias, out);
+                tile::<K, VNNI, 1, 1>(w, rb, xa, r, o, rows, bias, out);
             }
             o += 1;
         }
@@ -388,7 +477,7 @@ mod avx2 {
     /// Dots of x rows [r0, r0+R) with weight rows [o, o+W), written to out (+ bias).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<K: Kind, const R: usize, const W: usize>(
+    unsafe fn tile<K: Kind, const VNNI: bool, const R: usize, const W: usize>(
         w: *const u8,
         rb: usize,
         xa: &QActs,
@@ -403,10 +492,17 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); W]; R];
         let mut m = [[0f32; W]; R];
+        // Rows are short (a 640-wide Q8_0 row is 680 bytes), too short for the hardware
+        // prefetcher to ramp up on each: fetch the next tile's rows while this one computes.
+        let ahead = rb * W;
+        let block_bytes = rb / nb.max(1);
         for b in 0..nb {
             let mut wv = [(_mm256_setzero_si256(), 0f32, 0f32, 0f32); W];
             for (k, v) in wv.iter_mut().enumerate() {
-                *v = K::load(w.add((o + k) * rb), b);
+                let row = w.add((o + k) * rb);
+                // A hint only: never faults, so past the matrix's end is harmless (wrapping: no UB).
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead + b * block_bytes) as *const i8);
+                *v = K::load(row, b);
             }
             for r in 0..R {
                 let xi = (r0 + r) * nb + b;
@@ -414,14 +510,19 @@ mod avx2 {
                 let d = *xd.add(xi);
                 for k in 0..W {
                     let (q, lo, hi, min) = wv[k];
-                    // Signed weights: |w| * sign-adjusted x, as maddubs needs an unsigned side.
-                    let p16 = if K::SIGNED {
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
+                    // Signed weights: |w| * sign-adjusted x, as maddubs/dpbusd need an unsigned side.
+                    let (u, s) = if K::SIGNED { (_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)) } else { (q, x) };
+                    let isum = if VNNI {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
                     } else {
-                        _mm256_maddubs_epi16(q, x)
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones)
                     };
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                    let sc = _mm256_set_m128(_mm_set1_ps(hi * d), _mm_set1_ps(lo * d));
+                    let p = _mm256_cvtepi32_ps(isum);
+                    let sc = if K::SPLIT {
+                        _mm256_set_m128(_mm_set1_ps(hi * d), _mm_set1_ps(lo * d))
+                    } else {
+                        _mm256_set1_ps(lo * d)
+                    };
                     acc[r][k] = _mm256_fmadd_ps(p, sc, acc[r][k]);
                     if K::MIN {
                         m[r][k] = min.mul_add(*xs.add(xi), m[r][k]);
@@ -570,6 +671,30 @@ mod tests {
             let x = vals(6 * 768, 9);
             let (a, b) = (run(false, &x, 6, &w, None), run(true, &x, 6, &w, None));
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_and_avx2_tiles_agree_bitwise() {
+        if !super::super::use_avx512vnni() {
+            return;
+        }
+        for kind in KINDS {
+            for n in [1, 6] {
+                let (rows, cols) = (29, 768);
+                let w = qmatrix(kind, rows, cols, 5);
+                let Data::Quant { bytes, .. } = &w.data else { unreachable!() };
+                let xa = quantize_acts(&vals(n * cols, 9), n, cols);
+                let run = |vnni: bool| {
+                    let mut out = vec![f32::NAN; n * rows];
+                    // SAFETY: out holds n x rows values; w is rows whole rows of `kind`.
+                    unsafe { avx2::chunk(kind, bytes, row_bytes(kind, cols), &xa, n, rows, 0, rows, None, out.as_mut_ptr(), vnni) };
+                    out
+                };
+                let (a, b) = (run(false), run(true));
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{kind:?} n={n}");
+            }
         }
     }
 
