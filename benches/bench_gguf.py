@@ -120,8 +120,6 @@ ENGINES = {"kvgen": run_kvgen, "llama.cpp": run_llama_cpp, "transformers": run_t
 
 
 def child(engine: str, path: str, ids: list[int], n: int, threads: int, repeats: int) -> dict:
-    import resource
-
     once = ENGINES[engine](path, ids, n, threads)
     once()  # warm-up
     ttft, tps = [], []
@@ -131,9 +129,23 @@ def child(engine: str, path: str, ids: list[int], n: int, threads: int, repeats:
             raise RuntimeError(f"{engine} produced {len(times)} tokens, expected {n}")
         ttft.append(times[0] - t0)
         tps.append((n - 1) / (times[-1] - times[0]))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss_mb = peak_rss_mb()
     return {"ttft_s": statistics.median(ttft), "tok_s": statistics.median(tps), "rss_mb": rss_mb,
             "ttft_all": ttft, "tok_s_all": tps}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: /proc's VmHWM belongs to the address space, whereas Linux
+    carries ru_maxrss over exec from the parent (which here holds a tokenizer)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_model() -> str:
