@@ -21,21 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benches"))
 from bench_gguf import MODELS, cpu_model, gguf_path  # noqa: E402
-from test_gguf_quality import PROSE  # noqa: E402
+from test_gguf_quality import PROSE, perplexity  # noqa: E402
 
 POSITIONS = 512
 HEADING = "## GGUF quality (teacher-forced, 512 positions)"
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    target = np.asarray(ids[1:POSITIONS + 1])
-    return float(np.exp(-log_softmax(logits)[np.arange(POSITIONS), target].mean()))
 
 
 def llama_cpp_logits(path: str, ids: list[int]) -> np.ndarray | None:

@@ -14,8 +14,8 @@ import torch
 import kvgen
 
 pytest.importorskip("gguf")
-from test_gguf import load_hf_gguf_model  # noqa: E402
-from test_gguf_quality import PROSE  # noqa: E402
+from test_gguf import assert_greedy_parity, load_hf_gguf_model  # noqa: E402
+from test_gguf_quality import quality_figures  # noqa: E402
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 POSITIONS = 512
@@ -133,48 +133,13 @@ def test_logits_match_transformers(exact, hf_tok, hf_model):
 
 
 def test_greedy_parity_exact_path(exact, hf_tok, hf_model):
-    """Greedy continuations of several prompts: the first checked against transformers' generate(),
-    every one by teacher forcing (each new token is transformers' argmax at its position)."""
-    agree = total = 0
-    eos = hf_model.generation_config.eos_token_id
-    for n, prompt in enumerate(PROMPTS):
-        ids = hf_tok(prompt)["input_ids"]
-        ours = list(exact.generate([ids], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)[0])
-        assert len(ours) == len(ids) + NEW_TOKENS
-        with torch.no_grad():
-            logits = hf_model(torch.tensor([ours[:-1]])).logits[0, len(ids) - 1:].numpy()
-        logits[:, eos] = -np.inf  # min_new_tokens masks eos, as generate() does
-        ref_next = logits.argmax(-1).tolist()
-        total += NEW_TOKENS
-        agree += sum(a == b for a, b in zip(ours[len(ids):], ref_next))
-        assert ours[len(ids):] == ref_next, (n, hf_tok.decode(ours[len(ids):]))
-        if n == 0:
-            with torch.no_grad():
-                ref = hf_model.generate(
-                    torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                    pad_token_id=hf_tok.pad_token_id,
-                )[0].tolist()
-            assert ours == ref
-    print(f"\nGemma 3 270M exact path greedy agreement: {agree}/{total} tokens")
+    prompts = [hf_tok(p)["input_ids"] for p in PROMPTS]
+    assert_greedy_parity(exact, hf_model, prompts, NEW_TOKENS, hf_tok.pad_token_id, "Gemma 3 270M exact path")
 
 
 @pytest.fixture(scope="module")
 def figures(exact, quant):
-    ids = quant.tokenizer(PROSE)["input_ids"]
-    assert len(ids) > POSITIONS, len(ids)
-    ids = ids[: POSITIONS + 1]
-    ref = exact.logits([ids])[0, :POSITIONS]
-    got = quant.logits([ids])[0, :POSITIONS]
-    target = np.asarray(ids[1:], dtype=np.int64)
-
-    def ppl(logits):
-        logits = logits.astype(np.float64)
-        m = logits.max(axis=-1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
-        return float(np.exp(-logp[np.arange(POSITIONS), target].mean()))
-
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    return {"agreement": agree, "ppl_quant": ppl(got), "ppl_exact": ppl(ref)}
+    return quality_figures(exact, quant, positions=POSITIONS)
 
 
 def test_quantized_top1_agreement_with_exact_path(figures):

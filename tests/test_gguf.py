@@ -260,31 +260,36 @@ def test_logits_match_transformers(gen, hf_tok, hf_model):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_parity_chat_prompts(gen, hf_tok, hf_model):
-    """kvgen's greedy continuation of each chat prompt is transformers' greedy continuation: checked
-    with transformers' generate() for the first prompt, and for every prompt by teacher forcing
-    (one forward pass over kvgen's output: each new token must be transformers' argmax at its
-    position, which is exactly what greedy decoding picks)."""
-    new = 40
+def assert_greedy_parity(gen, hf_model, prompts, new, pad_token_id, what):
+    """kvgen's greedy continuation of each prompt (ids) is transformers' greedy continuation:
+    checked with transformers' generate() for the first prompt, and for every prompt by teacher
+    forcing (one forward pass over kvgen's output: each new token must be transformers' argmax at
+    its position, which is exactly what greedy decoding picks). Returns (agreeing, total) tokens."""
     agree = total = 0
-    for n, messages in enumerate(CHATS):
-        ids = _ids(hf_tok.apply_chat_template(messages, add_generation_prompt=True))
+    for n, ids in enumerate(prompts):
         ours = list(gen.generate([ids], max_new_tokens=new, min_new_tokens=new, do_sample=False)[0])
+        assert len(ours) == len(ids) + new
         with torch.no_grad():
             logits = hf_model(torch.tensor([ours[:-1]])).logits[0, len(ids) - 1:].numpy()
         logits[:, hf_model.generation_config.eos_token_id] = -np.inf  # min_new_tokens, as generate() masks it
         ref_next = logits.argmax(-1).tolist()
         total += new
         agree += sum(a == b for a, b in zip(ours[len(ids):], ref_next))
-        assert ours[len(ids):] == ref_next, (n, hf_tok.decode(ours[len(ids):]))
+        assert ours[len(ids):] == ref_next, (what, n, ours[len(ids):])
         if n == 0:
             with torch.no_grad():
                 ref = hf_model.generate(
                     torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                    pad_token_id=hf_tok.pad_token_id,
+                    pad_token_id=pad_token_id,
                 )[0].tolist()
             assert ours == ref
-    print(f"\nSmolLM2 Q4_1 exact path greedy agreement: {agree}/{total} tokens")
+    print(f"\n{what} greedy agreement: {agree}/{total} tokens")
+    return agree, total
+
+
+def test_greedy_parity_chat_prompts(gen, hf_tok, hf_model):
+    prompts = [_ids(hf_tok.apply_chat_template(m, add_generation_prompt=True)) for m in CHATS]
+    assert_greedy_parity(gen, hf_model, prompts, 40, hf_tok.pad_token_id, "SmolLM2 Q4_1 exact path")
 
 
 def test_generate_text_stops_at_eos(gen, hf_tok):

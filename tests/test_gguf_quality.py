@@ -62,25 +62,31 @@ def quant(gguf_path):
     return kvgen.Generator.from_pretrained(gguf_path)  # dtype="auto": quantized weights
 
 
+def perplexity(logits, ids) -> float:
+    """exp of the mean negative log-likelihood of ids[1:] under logits[:-1]-aligned rows."""
+    n = len(logits)
+    logits = np.asarray(logits, dtype=np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(n), np.asarray(ids[1:n + 1])].mean()))
+
+
+def quality_figures(exact, quant, text=PROSE, positions=POSITIONS) -> dict:
+    """Teacher-forced over the first `positions` of `text`: the quantized path's top-1 agreement
+    with the exact path, and both perplexities."""
+    ids = quant.tokenizer(text)["input_ids"]
+    assert len(ids) > positions, len(ids)
+    ids = ids[: positions + 1]
+    ref = exact.logits([ids])[0, :positions]
+    got = quant.logits([ids])[0, :positions]
+    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    return {"agreement": agree, "ppl_quant": perplexity(got, ids), "ppl_exact": perplexity(ref, ids)}
+
+
 @pytest.fixture(scope="module")
 def figures(gguf_path, quant):
-    ids = quant.tokenizer(PROSE)["input_ids"]
-    assert len(ids) > POSITIONS, len(ids)
-    ids = ids[: POSITIONS + 1]
     exact = kvgen.Generator.from_pretrained(gguf_path, dtype="float32")
-    ref = exact.logits([ids])[0, :POSITIONS]
-    del exact
-    got = quant.logits([ids])[0, :POSITIONS]
-    target = np.asarray(ids[1:], dtype=np.int64)
-
-    def ppl(logits):
-        logits = logits.astype(np.float64)
-        m = logits.max(axis=-1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
-        return float(np.exp(-logp[np.arange(POSITIONS), target].mean()))
-
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    return {"agreement": agree, "ppl_quant": ppl(got), "ppl_exact": ppl(ref)}
+    return quality_figures(exact, quant)
 
 
 def test_top1_agreement_with_exact_path(figures):
