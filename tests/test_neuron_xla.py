@@ -158,17 +158,24 @@ def test_bf16_graphs_within_tolerance(kind, kvgen, hf_tok, tp_hf, tp_dir, neuron
     gen = neuron_gen(kind, "bfloat16")
     cpu = kvgen.Generator.from_pretrained(str(tp_dir(kind)), dtype="bfloat16")
     enc = hf_tok(PROMPTS[3], return_tensors="pt")
+    assert_bf16_graphs_close(gen, cpu, enc["input_ids"], tp_hf(kind)(**enc).logits[0, -1].detach(), kind)
+
+
+def assert_bf16_graphs_close(gen, cpu, input_ids, ref_last_logits, what):
+    """Two greedy steps of the bf16 graphs `gen` against the native backend `cpu` in bf16 (prefill
+    within BF16_ATOL, the step reading bf16 caches within BF16_CACHE_ATOL, tokens equal), and the
+    prefill's last logits within BF16_VS_F32 of transformers' f32 `ref_last_logits`, relative to
+    the logit scale."""
     kw = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    ours, theirs = gen.generate(enc["input_ids"], **kw), cpu.generate(enc["input_ids"], **kw)
-    assert torch.equal(to_torch(ours.sequences), to_torch(theirs.sequences)), kind
+    ours, theirs = gen.generate(input_ids, **kw), cpu.generate(input_ids, **kw)
+    assert torch.equal(to_torch(ours.sequences), to_torch(theirs.sequences)), what
     for step, tol in enumerate((BF16_ATOL, BF16_CACHE_ATOL)):
         a, b = to_torch(ours.logits[step]).float(), to_torch(theirs.logits[step]).float()
         diff = (a - b).abs().max().item()
-        assert diff <= tol, f"{kind} bf16 step {step}: max |diff| {diff:.3g} vs the CPU backend in bf16"
-    ref = tp_hf(kind)(**enc).logits[0, -1].detach()
+        assert diff <= tol, f"{what} bf16 step {step}: max |diff| {diff:.3g} vs the CPU backend in bf16"
     got = to_torch(ours.logits[0])[0].float()
-    rel = (got - ref).abs().max().item() / ref.abs().max().item()
-    assert rel <= BF16_VS_F32, f"{kind} bf16: max |diff| {rel:.3g} of the logit scale vs transformers f32"
+    rel = (got - ref_last_logits).abs().max().item() / ref_last_logits.abs().max().item()
+    assert rel <= BF16_VS_F32, f"{what} bf16: max |diff| {rel:.3g} of the logit scale vs transformers f32"
 
 
 def test_export_manifest_matches_the_graph_bytes(kvgen, tp_dir, tmp_path):
