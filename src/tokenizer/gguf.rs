@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value as Json};
 
 use super::Tokenizer;
 use crate::error::{Error, Result};
-use crate::weights::gguf::{GgufFile, Value};
+use crate::weights::gguf::{GgufFile, Layout, Value};
 
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
@@ -195,7 +195,7 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
 
     // transformers builds Gemma files' sentencepiece vocabularies with GemmaTokenizer (its
     // GGUF_SENTENCEPIECE_BUILDERS), other "llama" files with LlamaTokenizer.
-    let gemma = file.architecture().is_ok_and(|a| a.starts_with("gemma"));
+    let gemma = file.architecture().is_ok_and(|a| Layout::of_arch(a) == Layout::Gemma);
     let Pipeline { vocab, merges, normalizer, pre_tok, decoder, unk, defaults, byte_level, spm } = match model {
             "gpt2" => {
                 let spell = bytes_to_unicode();
@@ -240,11 +240,13 @@ pub fn build_parts(file: &GgufFile) -> Result<(tokenizers::Tokenizer, Json)> {
                     .iter()
                     .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.to_string() })
                     .collect();
-                let spelled: Vec<&str> = vocab.iter().map(String::as_str).collect();
-                let order: Vec<f64> = (0..vocab.len()).map(|i| -(i as f64)).collect();
                 let merges = match split_merges(&m, merges_meta.as_deref())? {
                     Some(mg) => mg,
-                    None => generated_merges(&m, &spelled, &order)?,
+                    None => {
+                        let spelled: Vec<&str> = vocab.iter().map(String::as_str).collect();
+                        let file_order: Vec<f64> = (0..vocab.len()).map(|i| -(i as f64)).collect();
+                        generated_merges(&m, &spelled, &file_order)?
+                    }
                 };
                 Pipeline {
                     vocab,

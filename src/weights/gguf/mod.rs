@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value as Json};
 use super::TensorSource;
 use crate::error::{Error, Result};
 use crate::tensor::{Buf, DType, Data, Tensor};
-pub use names::Permuted;
+pub use names::{Layout, Permuted};
 pub use quant::GgmlType;
 pub use reader::{GgufFile, TensorInfo, Value};
 
@@ -317,21 +317,14 @@ pub fn config_json(file: &GgufFile) -> Result<Json> {
     // The embedding's row count is the vocabulary (logits span every row); the tokenizer may
     // have fewer ids (Gemma 3: 262,208 rows) or more (an added token past the last row).
     let embedding_rows = file.tensor("token_embd.weight").and_then(|t| t.dims.get(1).copied());
-    let vocab = embedding_rows
-        .map(Ok)
-        .or_else(|| uint("vocab_size").transpose())
-        .transpose()?
-        .or_else(|| {
-            file.get("tokenizer.ggml.tokens")
-                .and_then(Value::as_array)
-                .map(|a| a.len() as u64)
-        })
-        .ok_or_else(|| {
-            Error::bad_file(
-                &file.path,
-                "cannot tell the vocabulary size: no vocab_size, tokens or token_embd.weight",
-            )
-        })?;
+    let vocab = match embedding_rows {
+        Some(rows) => Some(rows),
+        None => uint("vocab_size")?,
+    }
+    .or_else(|| file.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len() as u64))
+    .ok_or_else(|| {
+        Error::bad_file(&file.path, "cannot tell the vocabulary size: no vocab_size, tokens or token_embd.weight")
+    })?;
     c.insert("vocab_size".into(), json!(vocab));
     c.insert(
         "tie_word_embeddings".into(),
