@@ -118,8 +118,14 @@ def main() -> None:
     header = (
         f"\n### {time.strftime('%Y-%m-%d')} — {cpu}, {args.threads} threads, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, median of {args.repeats} alternating runs\n\n"
-        "| model | dtype | batch | engine | decode tok/s | TTFT ms | speed-up |\n|---|---|---|---|---|---|---|\n"
+        "| model | dtype | batch | engine | decode tok/s | TTFT ms | speed-up | of DRAM roofline |\n|---|---|---|---|---|---|---|---|\n"
     )
+    # Decode reads every weight once per step (batch rows share it): roofline = batch x bandwidth /
+    # weight bytes, bandwidth measured now (`benches/roofline.py`).
+    from roofline import bandwidth_gbs, weight_bytes
+
+    bw = bandwidth_gbs(args.threads)
+    header = header.replace("alternating runs\n", f"alternating runs; memory bandwidth {bw:.1f} GB/s\n", 1)
     rows = []
     for dtype in args.dtypes.split(","):
         model_dir = build_model(cache, dtype)
@@ -131,8 +137,9 @@ def main() -> None:
             hf, kv = ([statistics.median(r[i] for r in runs[e]) for i in (0, 1)] for e in ("transformers", "kvgen"))
             # Each kvgen run is compared with the transformers run just before it.
             ratio = statistics.median(k[1] / h[1] for h, k in zip(runs["transformers"], runs["kvgen"]))
-            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | transformers {__import__('transformers').__version__} | {hf[1]:.1f} | {hf[0]*1e3:.0f} | 1.00x |")
-            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | kvgen | {kv[1]:.1f} | {kv[0]*1e3:.0f} | {ratio:.2f}x |")
+            roof = batch * bw * 1e9 / weight_bytes(str(model_dir))
+            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | transformers {__import__('transformers').__version__} | {hf[1]:.1f} | {hf[0]*1e3:.0f} | 1.00x | {hf[1] / roof:.0%} |")
+            rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | kvgen | {kv[1]:.1f} | {kv[0]*1e3:.0f} | {ratio:.2f}x | {kv[1] / roof:.0%} |")
             print(rows[-2] + "\n" + rows[-1], flush=True)
     text = header + "\n".join(rows) + "\n"
     print(text)

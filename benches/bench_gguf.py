@@ -202,6 +202,13 @@ def bench_model(model: str, a: argparse.Namespace) -> None:
         print(f"{engine:13s} decode {r['tok_s']:7.1f} tok/s  TTFT {r['ttft_s'] * 1000:7.1f} ms  peak RSS {r['rss_mb']:6.0f} MB"
               f"  (runs: {', '.join(f'{v:.1f}' for v in r['tok_s_all'])} tok/s)", flush=True)
 
+    # The DRAM roofline of batch-1 decode: every weight byte read once per token (tied embeddings:
+    # the lm_head is the embedding), at the bandwidth measured now.
+    from roofline import bandwidth_gbs, weight_bytes
+
+    bw = bandwidth_gbs(a.threads)
+    roof = bw * 1e9 / weight_bytes(path)
+    print(f"memory bandwidth {bw:.1f} GB/s: roofline {roof:.0f} tok/s for {weight_bytes(path) / 1e6:.0f} MB of weights", flush=True)
     base = results.get("llama.cpp")
     try:
         load = os.getloadavg()[0]
@@ -214,12 +221,14 @@ def bench_model(model: str, a: argparse.Namespace) -> None:
         ttft_ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base else "n/a"
         label = {"kvgen": f"kvgen (default: {kernels})", "llama.cpp": "llama.cpp (llama-cpp-python)",
                  "transformers": "transformers (GGUF dequantized, f32)"}[engine]
-        rows.append(f"| {label} | {r['tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1000:.0f} | {ttft_ratio} | {r['rss_mb']:.0f} |")
+        rows.append(f"| {label} | {r['tok_s']:.1f} | {ratio} | {r['tok_s'] / roof:.0%} | {r['ttft_s'] * 1000:.0f} | {ttft_ratio} | {r['rss_mb']:.0f} |")
     header = (
         f"\n`python benches/bench_gguf.py --model {model} --append` — {date}, {cpu_model()} ({os.cpu_count()} vCPU, shared; "
         f"load {load:.1f}), {a.threads} threads, prompt of {len(ids)} tokens, {a.new_tokens} new tokens greedy "
-        f"(eos ignored), median of {a.repeats} runs after a warm-up; ratios vs llama.cpp (TTFT: lower is better).\n\n"
-        "| engine | decode tok/s | vs llama.cpp | TTFT ms | vs llama.cpp | peak RSS MB |\n|---|---|---|---|---|---|\n"
+        f"(eos ignored), median of {a.repeats} runs after a warm-up; ratios vs llama.cpp (TTFT: lower is better); "
+        f"DRAM roofline = {bw:.1f} GB/s (`benches/roofline.py`, same run) / {weight_bytes(path) / 1e6:.0f} MB of weights "
+        f"= {roof:.0f} tok/s.\n\n"
+        "| engine | decode tok/s | vs llama.cpp | of DRAM roofline | TTFT ms | vs llama.cpp | peak RSS MB |\n|---|---|---|---|---|---|---|\n"
     )
     block = header + "\n".join(rows) + "\n"
     print(block)

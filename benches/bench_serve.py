@@ -1,7 +1,7 @@
 """Load benchmark of kvgen's OpenAI-compatible server (loopback only, bounded in count and time).
 
 Starts `python -m kvgen serve` and the transformers baseline (benches/hf_serve_baseline.py) on
-the same model, then for N = 1, 8, 32 concurrent streaming clients sends each server the same
+the same model (and, with `--llama-server`, llama.cpp's own server with `-np N` continuous batching), then for N = 1, 8, 32 concurrent streaming clients sends each server the same
 requests and reports total tok/s, p50/p99 time to first token and inter-token latency. Checks
 that no request failed or hung, and that the kvgen server's RSS comes back to within 5% of its
 baseline after the load.
@@ -105,6 +105,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
         res.error = f"hung (> {timeout:.0f} s)"
     except Exception as e:  # counted as a failure
         res.error = repr(e)
+    if res.ok and res.tokens == 0 and res.ttft is not None:
+        res.tokens = len(res.gaps) + 1  # a server without usage in the stream: one token per chunk
     if res.ok and res.tokens == 0:
         res.ok, res.error = False, "no usage in the stream"
     return res
@@ -160,6 +162,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=300, help="per request, seconds: longer counts as hung")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--llama-server", default=None,
+                   help="llama.cpp's llama-server binary (benches/build_llama_server.sh): also measured, restarted "
+                        "per level with -np N and continuous batching")
+    p.add_argument("--threads", type=int, default=2, help="llama-server's -t / -tb")
     args = p.parse_args()
     gguf = args.gguf or smollm2_gguf()
 
@@ -172,6 +178,39 @@ def main() -> None:
         servers["transformers"] = (start_server([sys.executable, str(HERE / "hf_serve_baseline.py"), "--gguf", gguf,
                                                  "--port", str(hf_port)], hf_port), hf_port)
     rows, problems = [], []
+
+    def measure(name: str, base: str, n: int) -> None:
+        results, wall = asyncio.run(load(base, n, args.requests_per_client, args.max_tokens, args.timeout))
+        failed = [r for r in results if not r.ok]
+        problems.extend(f"{name} N={n}: {r.error}" for r in failed)
+        good = [r for r in results if r.ok]
+        tokens = sum(r.tokens for r in good)
+        gaps = [g for r in good for g in r.gaps]
+        ttfts = [r.ttft for r in good]
+        rows.append({
+            "server": name, "clients": n, "requests": len(results), "failed": len(failed),
+            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50_ms": pct(ttfts, 50) * 1e3, "ttft_p99_ms": pct(ttfts, 99) * 1e3,
+            "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3,
+        })
+        r = rows[-1]
+        print(f"{name:>12} N={n:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.0f} ms p99 "
+              f"{r['ttft_p99_ms']:7.0f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms p99 {r['itl_p99_ms']:6.1f} ms  "
+              f"({r['requests']} requests, {r['failed']} failed, {tokens} tokens in {wall:.1f} s)", flush=True)
+
+    if args.llama_server:
+        # -np N slots with continuous batching, as many as clients; each slot holds prompt + output.
+        for n in args.levels:
+            port = free_port()
+            proc = start_server([args.llama_server, "-m", gguf, "--port", str(port), "--alias", "bench", "-np", str(n),
+                                 "-cb", "-c", str(512 * n), "-t", str(args.threads), "-tb", str(args.threads)], port)
+            try:
+                base = f"http://127.0.0.1:{port}"
+                asyncio.run(load(base, 2, 1, 8, args.timeout))  # warm-up
+                measure("llama-server", base, n)
+            finally:
+                proc.terminate()
+                proc.wait(10)
     try:
         for name, (proc, port) in servers.items():
             base = f"http://127.0.0.1:{port}"
@@ -179,23 +218,7 @@ def main() -> None:
             time.sleep(1)
             rss_before = rss_mib(proc.pid)
             for n in args.levels:
-                results, wall = asyncio.run(load(base, n, args.requests_per_client, args.max_tokens, args.timeout))
-                failed = [r for r in results if not r.ok]
-                problems += [f"{name} N={n}: {r.error}" for r in failed]
-                good = [r for r in results if r.ok]
-                tokens = sum(r.tokens for r in good)
-                gaps = [g for r in good for g in r.gaps]
-                ttfts = [r.ttft for r in good]
-                rows.append({
-                    "server": name, "clients": n, "requests": len(results), "failed": len(failed),
-                    "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-                    "ttft_p50_ms": pct(ttfts, 50) * 1e3, "ttft_p99_ms": pct(ttfts, 99) * 1e3,
-                    "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3,
-                })
-                r = rows[-1]
-                print(f"{name:>12} N={n:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.0f} ms p99 "
-                      f"{r['ttft_p99_ms']:7.0f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms p99 {r['itl_p99_ms']:6.1f} ms  "
-                      f"({r['requests']} requests, {r['failed']} failed, {tokens} tokens in {wall:.1f} s)", flush=True)
+                measure(name, base, n)
             time.sleep(3)
             rss_after = rss_mib(proc.pid)
             drift = (rss_after - rss_before) / rss_before * 100
@@ -212,8 +235,9 @@ def main() -> None:
 
     by = {(r["server"], r["clients"]): r for r in rows}
     for n in args.levels:
-        if ("kvgen", n) in by and ("transformers", n) in by and by[("transformers", n)]["tok_s"] > 0:
-            print(f"N={n}: kvgen / transformers total tok/s = {by[('kvgen', n)]['tok_s'] / by[('transformers', n)]['tok_s']:.1f}x")
+        for other in ("transformers", "llama-server"):
+            if ("kvgen", n) in by and (other, n) in by and by[(other, n)]["tok_s"] > 0:
+                print(f"N={n}: kvgen / {other} total tok/s = {by[('kvgen', n)]['tok_s'] / by[(other, n)]['tok_s']:.2f}x")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(json.dumps(rows))

@@ -178,23 +178,16 @@ impl Ops for CpuOps<'_, '_> {
             .map_err(|_| Error::Internal("a gated MLP needs a (gate, up) projection".into()))?;
         let mut g = self.alloc(x.rows, gate.w.rows);
         let mut u = self.alloc(x.rows, up.w.rows);
-        if act == Activation::GeluTanh {
-            // The fused kernel gates with SiLU; GeGLU projects both parts, then gates elementwise.
-            let mut projs = [
-                Proj { w: &gate.w, bias: gate.bias.as_deref(), out: g.m() },
-                Proj { w: &up.w, bias: up.bias.as_deref(), out: u.m() },
-            ];
-            kernels::linear_many(x.s(), x.rows, &mut projs);
-            kernels::gelu_tanh_mul(g.m(), u.s());
-            self.free(u);
-            self.free(x);
-            return Ok(g);
-        }
+        let gate_act = match act {
+            Activation::GeluTanh => kernels::Gate::GeluTanh,
+            Activation::Silu => kernels::Gate::Silu,
+        };
         kernels::linear_gated(
             x.s(),
             x.rows,
             Proj { w: &gate.w, bias: gate.bias.as_deref(), out: g.m() },
             Proj { w: &up.w, bias: up.bias.as_deref(), out: u.m() },
+            gate_act,
         );
         self.free(u);
         self.free(x);

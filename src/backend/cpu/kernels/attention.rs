@@ -178,7 +178,9 @@ unsafe fn head(
     #[cfg(target_arch = "x86_64")]
     // The AVX2 path does not cap scores; capped calls stay scalar.
     if avx && sh.softcap.is_none() {
-        return avx2::head(sh, q, k, v, cap, start, n_tok, h, out);
+        // Prompts with AVX-512: queries 4 at a time (same dots, same bits), the rest one by one.
+        let grouped = if n_tok >= 4 && super::use_avx512vl() { avx512::head_groups(sh, q, k, cap, start, n_tok, h, v, out) } else { 0 };
+        return avx2::head(sh, q, k, v, cap, start + grouped, n_tok - grouped, h, out.add(grouped * sh.n_heads * sh.hd), grouped);
     }
     let _ = avx;
     let hd = sh.hd;
@@ -236,6 +238,8 @@ mod avx2 {
     /// SAFETY: as `super::head`; the CPU must support avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
+    /// `skip`: the first `skip` tokens of q are already done (`start` and `out` point past them).
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn head(
         sh: Shape,
         q: &[f32],
@@ -246,6 +250,7 @@ mod avx2 {
         n_tok: usize,
         h: usize,
         out: *mut f32,
+        skip: usize,
     ) {
         let hd = sh.hd;
         let kvh = (h / sh.group).min(sh.n_kv - 1);
@@ -254,7 +259,7 @@ mod avx2 {
         let mut p: Vec<f32> = Vec::new();
         for t in 0..n_tok {
             let (lo, hi) = span(start + t, sh.window);
-            let qr = q.as_ptr().add((t * sh.n_heads + h) * hd);
+            let qr = q.as_ptr().add(((skip + t) * sh.n_heads + h) * hd);
             let o = out.add((t * sh.n_heads + h) * hd);
             p.clear();
             p.resize(hi - lo, 0.0);
@@ -279,6 +284,81 @@ mod avx2 {
                 axpy(o, pj, vb.add(j * hd), hd);
             }
         }
+    }
+}
+
+/// Prompt queries in groups of 4 with AVX-512 (`wide::tile`: two keys per register, four queries
+/// per key load). Each score is the same dot as `avx2::head`'s, each row's softmax and weighted
+/// sum the same sequence of operations, so a token's bits do not depend on its group.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::dot::{axpy, block};
+    use super::super::wide::tile;
+    use super::{softmax, span, Shape};
+
+    /// Queries per group.
+    const G: usize = 4;
+
+    /// Tokens [0, 4k) of one (sequence, head), the largest k with 4k <= n_tok; returns 4k.
+    ///
+    /// SAFETY: as `super::head`; the CPU must support avx2, fma, f16c, avx512f and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn head_groups(
+        sh: Shape,
+        q: &[f32],
+        k: &[f32],
+        cap: usize,
+        start: usize,
+        n_tok: usize,
+        h: usize,
+        v: &[f32],
+        out: *mut f32,
+    ) -> usize {
+        let hd = sh.hd;
+        let qs = sh.n_heads * hd;
+        let kvh = (h / sh.group).min(sh.n_kv - 1);
+        let kb = k.as_ptr().add(kvh * cap * hd);
+        let vb = v.as_ptr().add(kvh * cap * hd);
+        let groups = n_tok / G;
+        let mut scores: Vec<f32> = Vec::new();
+        for g in 0..groups {
+            let t0 = g * G;
+            let spans: [(usize, usize); G] = std::array::from_fn(|r| span(start + t0 + r, sh.window));
+            // Positions visible to any query of the group; each query uses its own part.
+            let (lo, hi) = (spans[0].0, spans[G - 1].1);
+            let len = hi - lo;
+            scores.clear();
+            scores.resize(G * len, 0.0);
+            let q0 = q.as_ptr().add((t0 * sh.n_heads + h) * hd);
+            let mut j = lo;
+            while j + 4 <= hi {
+                let s = tile::<f32, G, 2>(q0, qs, kb.add(j * hd), hd, hd, false, std::ptr::null());
+                for (r, sr) in s.iter().enumerate() {
+                    for (i, &sv) in sr.iter().flatten().enumerate() {
+                        scores[r * len + j - lo + i] = sv * sh.scale;
+                    }
+                }
+                j += 4;
+            }
+            while j < hi {
+                let s = block::<f32, G, 1, false>(q0, qs, kb.add(j * hd), hd, hd, std::ptr::null());
+                for (r, sr) in s.iter().enumerate() {
+                    scores[r * len + j - lo] = sr[0] * sh.scale;
+                }
+                j += 1;
+            }
+            for (r, &(a, b)) in spans.iter().enumerate() {
+                let p = &mut scores[r * len + a - lo..r * len + b - lo];
+                softmax(p);
+                let o = out.add(((t0 + r) * sh.n_heads + h) * hd);
+                std::slice::from_raw_parts_mut(o, hd).fill(0.0);
+                for (jj, &pj) in (a..b).zip(p.iter()) {
+                    axpy(o, pj, vb.add(jj * hd), hd);
+                }
+            }
+        }
+        groups * G
     }
 }
 
@@ -405,6 +485,41 @@ mod tests {
                                 want[i]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A prompt's tokens in one call (query groups with AVX-512) give the same bits as one call
+    /// per token (decode) and as a prompt split anywhere (a prefill resumed mid-prompt).
+    #[test]
+    fn a_prompt_equals_its_tokens_one_by_one() {
+        for &avx in &super::super::test_paths() {
+            for &hd in &[33usize, 64, 256] {
+                for window in [None, Some(5)] {
+                    let c = case(hd, 40, 3, 13, hd as u64);
+                    let all = &run(avx, &[&c], hd, window, 0.125)[0];
+                    for split in [1usize, 6] {
+                        let mut pieces = Vec::new();
+                        let mut t = 0;
+                        while t < c.n_tok {
+                            let n = if t == 0 { split } else { 1 };
+                            let piece = Case {
+                                q: c.q[t * NH * hd..(t + n) * NH * hd].to_vec(),
+                                k: c.k.clone(),
+                                v: c.v.clone(),
+                                cap: c.cap,
+                                start: c.start + t,
+                                n_tok: n,
+                            };
+                            pieces.extend(run(avx, &[&piece], hd, window, 0.125).remove(0));
+                            t += n;
+                        }
+                        assert!(
+                            all.iter().zip(&pieces).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "avx={avx} hd={hd} window={window:?} split={split}"
+                        );
                     }
                 }
             }

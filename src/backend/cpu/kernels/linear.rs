@@ -7,7 +7,7 @@
 //! together; each output element is always the same `dot::block` arithmetic (batch invariant).
 
 use super::dot::dot_scalar;
-use super::activation::silu_mul_one;
+use super::activation::{gate_row, Gate};
 use super::quant::{self, QActs};
 use super::{use_avx2, use_avx512vl, SendPtr};
 use crate::tensor::{quant_kernel_supports, Data, Matrix};
@@ -55,22 +55,22 @@ pub fn linear_many(x: &[f32], n: usize, projs: &mut [Proj]) {
     linear_many_with(use_avx2(), x, n, projs, None)
 }
 
-/// out = silu(x * gate^T + gate_bias) * (x * up^T + up_bias), as [`linear`] twice and then
-/// [`super::silu_mul`], in one parallel region: each thread gates the columns it computed.
-/// `up.out` (n x up.w.rows) receives the up projection as scratch. Gate and up must have the same
-/// shape; otherwise, as for short buffers, nothing is written.
-pub fn linear_gated(x: &[f32], n: usize, gate: Proj, up: Proj) {
-    linear_gated_with(use_avx2(), x, n, gate, up)
+/// out = act(x * gate^T + gate_bias) * (x * up^T + up_bias), as [`linear`] twice and then
+/// [`super::silu_mul`] / [`super::gelu_tanh_mul`], in one parallel region: each thread gates the
+/// columns it computed. `up.out` (n x up.w.rows) receives the up projection as scratch. Gate and
+/// up must have the same shape; otherwise, as for short buffers, nothing is written.
+pub fn linear_gated(x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate) {
+    linear_gated_with(use_avx2(), x, n, gate, up, act)
 }
 
-pub(super) fn linear_gated_with(avx: bool, x: &[f32], n: usize, gate: Proj, up: Proj) {
+pub(super) fn linear_gated_with(avx: bool, x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate) {
     // Both halves must pair column for column, or gating cannot be done per chunk.
     if gate.w.rows != up.w.rows || gate.out.len() < n * gate.w.rows || up.out.len() < n * up.w.rows {
         return;
     }
     let inter = gate.w.rows;
     let mut projs = [gate, up];
-    linear_many_with(avx, x, n, &mut projs, Some(inter));
+    linear_many_with(avx, x, n, &mut projs, Some((inter, act)));
 }
 
 /// Matrix-type-erased view of one projection for the chunk workers.
@@ -81,7 +81,7 @@ struct Job<'a> {
     out: SendPtr,
 }
 
-fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: Option<usize>) {
+fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: Option<(usize, Gate)>) {
     if n == 0 {
         return;
     }
@@ -120,7 +120,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     }
     let threads = rayon::current_num_threads().max(1);
     // Gated: chunks cut gate's columns, each chunk also does the same columns of up.
-    let span = gated.unwrap_or(total);
+    let span = gated.map_or(total, |(inter, _)| inter);
     let chunks = if n * total * cols < PAR_MIN_MACS {
         1
     } else {
@@ -150,20 +150,22 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
         if g0 >= g1 {
             return;
         }
-        if let Some(inter) = gated {
+        if let Some((inter, act)) = gated {
             for j in jobs {
                 // SAFETY: buffers checked above; chunks cover disjoint columns [g0, g1).
                 unsafe { chunk_dyn(avx, x, xp, qx, n, j, g0, g1) }
             }
             let (g, u) = (jobs[0].out.get(), jobs[1].out.get());
             for r in 0..n {
-                for o in g0..g1 {
-                    // SAFETY: as above; r*inter+o < n*inter, this chunk owns column o.
-                    unsafe {
-                        let gp = g.add(r * inter + o);
-                        *gp = silu_mul_one(*gp, *u.add(r * inter + o));
-                    }
-                }
+                // SAFETY: as above; row r's columns [g0, g1) lie inside both n x inter outputs and
+                // belong to this chunk alone.
+                let (gr, ur) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(g.add(r * inter + g0), g1 - g0),
+                        std::slice::from_raw_parts(u.add(r * inter + g0), g1 - g0),
+                    )
+                };
+                gate_row(act, gr, ur);
             }
             return;
         }
@@ -232,7 +234,7 @@ unsafe fn chunk_x<T: Weight>(
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::dot::Lanes as Weight;
+use super::wide::Pairs as Weight;
 #[cfg(not(target_arch = "x86_64"))]
 use crate::tensor::Element as Weight;
 
@@ -255,11 +257,10 @@ unsafe fn chunk<T: Weight>(
     #[cfg(target_arch = "x86_64")]
     if avx {
         if n > 1 {
-            // With AVX-512VL the same 256-bit code gets 32 registers: 8 x rows by 2 weight rows
-            // (16 accumulators) stream each weight group once for n = 8. Same instructions per
-            // dot, so the same bits.
+            // With AVX-512: 8 x rows by 4 weight rows, two dots per 512-bit register (`wide.rs`),
+            // each the same arithmetic as the 256-bit dot, so the same bits.
             if n >= 8 && use_avx512vl() {
-                return avx2::chunk_wide::<T, 8, 2, true>(x, n, w, rows, cols, o0, o1, bias, out);
+                return super::wide::chunk::<T, 8, 2>(x, n, w, rows, cols, o0, o1, bias, out);
             }
             // 4 x rows by 2 weight rows: 8 accumulators, 6 loads per 8 FMAs.
             return avx2::chunk::<T, 4, 2, true>(x, n, w, rows, cols, o0, o1, bias, out);
@@ -292,26 +293,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn chunk<T: Lanes, const R: usize, const W: usize, const PF: bool>(
-        x: &[f32],
-        n: usize,
-        w: &[T],
-        rows: usize,
-        cols: usize,
-        o0: usize,
-        o1: usize,
-        bias: Option<&[f32]>,
-        out: *mut f32,
-    ) {
-        chunk_body::<T, R, W, PF>(x, n, w, rows, cols, o0, o1, bias, out)
-    }
-
-    /// `chunk` compiled with AVX-512VL for its 32 vector registers (wider tiles, no spills); the
-    /// kernel still uses only 256-bit AVX2/FMA operations, so every dot keeps its arithmetic.
-    ///
-    /// SAFETY: as for `chunk`; the CPU must also support avx512f and avx512vl.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn chunk_wide<T: Lanes, const R: usize, const W: usize, const PF: bool>(
         x: &[f32],
         n: usize,
         w: &[T],
@@ -608,15 +589,21 @@ mod tests {
                     linear_with(avx, &x, n, &u, Some(&bu), &mut up);
                     super::super::silu_mul(&mut want, &up);
                     let mut got = vec![0f32; n * 200];
+                    let mut gelu_want = vec![0f32; n * 200];
+                    linear_with(avx, &x, n, &g, None, &mut gelu_want);
+                    super::super::gelu_tanh_mul(&mut gelu_want, &up);
                     let mut scratch = vec![0f32; n * 200];
-                    linear_gated_with(
-                        avx,
-                        &x,
-                        n,
-                        Proj { w: &g, bias: None, out: &mut got },
-                        Proj { w: &u, bias: Some(&bu), out: &mut scratch },
-                    );
-                    assert!(got.iter().zip(&want).all(|(p, q)| p.to_bits() == q.to_bits()), "gated avx={avx} dt={dt} n={n}");
+                    for (act, want) in [(Gate::Silu, &want), (Gate::GeluTanh, &gelu_want)] {
+                        linear_gated_with(
+                            avx,
+                            &x,
+                            n,
+                            Proj { w: &g, bias: None, out: &mut got },
+                            Proj { w: &u, bias: Some(&bu), out: &mut scratch },
+                            act,
+                        );
+                        assert!(got.iter().zip(want).all(|(p, q)| p.to_bits() == q.to_bits()), "gated {act:?} avx={avx} dt={dt} n={n}");
+                    }
                 }
             }
         }

@@ -14,10 +14,12 @@ mod norm;
 mod quant;
 mod rope;
 mod team;
+#[cfg(target_arch = "x86_64")]
+mod wide;
 
 pub(crate) use team::mark_rank_pool_thread;
 
-pub use activation::{gelu_tanh_mul, silu_mul};
+pub use activation::{gelu_tanh_mul, silu_mul, Gate};
 pub use attention::{attention, attention_capped, AttnSeq};
 pub use linear::{linear, linear_gated, linear_many, Proj};
 pub use norm::{rms_norm, rms_norm_inplace};

@@ -18,34 +18,47 @@ use half::f16;
 
 use crate::tensor::GgmlType;
 
+#[cfg(target_arch = "x86_64")]
+mod gemm;
+
 /// Activation block length.
 pub(crate) const QB: usize = 32;
 
-/// Activation rows quantized to blocks of `QB`: `nb` blocks per row, row-major.
+/// From this many activation rows on, the VNNI path decodes weight panels once for all rows
+/// (`gemm.rs`) instead of once per row tile.
+pub(crate) const GEMM_MIN_ROWS: usize = 4;
+
+/// Activation rows quantized to blocks of `QB`: `nb` blocks per row, row-major. `u` holds the
+/// same values offset to unsigned (q + 128) for the panel kernel, only for `GEMM_MIN_ROWS`+ rows.
 pub(crate) struct QActs {
     pub q: Vec<i8>,
+    pub u: Vec<u8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub nb: usize,
 }
 
 /// Quantizes n rows of `cols` (a multiple of `QB`) values: per block d = max|x| / 127,
-/// q = round(x / d), s = d * sum(q).
+/// q = round(x / d) (half away from zero, as `f32::round`), s = d * sum(q).
 pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> QActs {
     let nb = cols / QB;
     let mut q = vec![0i8; n * nb * QB];
     let mut d = vec![0f32; n * nb];
     let mut s = vec![0f32; n * nb];
+    let simd = super::use_avx2();
     for (bi, (xb, qb)) in x[..n * nb * QB].chunks_exact(QB).zip(q.chunks_exact_mut(QB)).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let finite = xb.iter().all(|v| v.is_finite());
         let dd = amax / 127.0;
         let id = if dd > 0.0 { 1.0 / dd } else { 0.0 };
-        let mut isum = 0i32;
-        for (o, v) in qb.iter_mut().zip(xb) {
-            *o = (v * id).round() as i8;
-            isum += *o as i32;
-        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both blocks hold QB values; the CPU has AVX2 when `simd`.
+        let isum = if simd && finite { unsafe { avx2::quantize_block(xb, id, qb) } } else { quantize_block(xb, id, qb) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let isum = {
+            let _ = simd;
+            quantize_block(xb, id, qb)
+        };
         // A NaN/Inf input must not vanish in the integer domain: poison the block's scale.
         let dd = if finite { dd } else { f32::NAN };
         d[bi] = dd;
@@ -53,7 +66,18 @@ pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> QActs {
         // same rounded x as the rest, so the error is sum(w * dx) rather than sum((w - min) * dx).
         s[bi] = dd * isum as f32;
     }
-    QActs { q, d, s, nb }
+    let u = if n >= GEMM_MIN_ROWS { q.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { Vec::new() };
+    QActs { q, u, d, s, nb }
+}
+
+/// q = round(x * id) for one block (the reference); returns sum(q).
+fn quantize_block(xb: &[f32], id: f32, qb: &mut [i8]) -> i32 {
+    let mut isum = 0i32;
+    for (o, v) in qb.iter_mut().zip(xb) {
+        *o = (v * id).round() as i8;
+        isum += *o as i32;
+    }
+    isum
 }
 
 /// Bytes of one `cols`-long row of `kind`.
@@ -238,12 +262,13 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::dot::hsum;
-    use super::{has_min, scale_min_k4, QActs, QB};
+    use super::gemm::columns as gemm_columns;
+    use super::{has_min, scale_min_k4, QActs, GEMM_MIN_ROWS, QB};
     use crate::tensor::GgmlType;
 
     /// A block type as the AVX2 kernel sees it: 32-block `b` of a row decoded into 32 i8 values
     /// (`SIGNED`) or u8 values, the two half scales and the minimum (module docs).
-    trait Kind {
+    pub(super) trait Kind {
         const SIGNED: bool;
         const MIN: bool;
         /// Two scales per 32-block (Q6_K's 16-element groups); the others have one.
@@ -252,7 +277,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn f16at(p: *const u8) -> f32 {
+    pub(super) unsafe fn f16at(p: *const u8) -> f32 {
         let h = std::ptr::read_unaligned(p as *const u16);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
@@ -265,7 +290,7 @@ mod avx2 {
         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(q), m), _mm_and_si128(q, m))
     }
 
-    struct Q4_0;
+    pub(super) struct Q4_0;
     impl Kind for Q4_0 {
         const SIGNED: bool = true;
         const MIN: bool = false;
@@ -277,7 +302,7 @@ mod avx2 {
         }
     }
 
-    struct Q4_1;
+    pub(super) struct Q4_1;
     impl Kind for Q4_1 {
         const SIGNED: bool = false;
         const MIN: bool = true;
@@ -289,7 +314,7 @@ mod avx2 {
         }
     }
 
-    struct Q8_0;
+    pub(super) struct Q8_0;
     impl Kind for Q8_0 {
         const SIGNED: bool = true;
         const MIN: bool = false;
@@ -314,7 +339,7 @@ mod avx2 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    struct Q5_0;
+    pub(super) struct Q5_0;
     impl Kind for Q5_0 {
         const SIGNED: bool = true;
         const MIN: bool = false;
@@ -328,7 +353,7 @@ mod avx2 {
         }
     }
 
-    struct Q5_1;
+    pub(super) struct Q5_1;
     impl Kind for Q5_1 {
         const SIGNED: bool = false;
         const MIN: bool = true;
@@ -343,7 +368,7 @@ mod avx2 {
 
     /// Q4_K (FIVE = false) and Q5_K: 32-block s of a 256-super-block holds the low (s even) or
     /// high nibbles of 32 bytes, Q5_K's fifth bit s of 32 more bytes, a 6-bit scale and minimum.
-    struct KQuant<const FIVE: bool>;
+    pub(super) struct KQuant<const FIVE: bool>;
     impl<const FIVE: bool> Kind for KQuant<FIVE> {
         const SIGNED: bool = false;
         const MIN: bool = true;
@@ -369,7 +394,7 @@ mod avx2 {
 
     /// Q6_K: 32-block j of a 256-super-block: 4 low bits from a nibble of `ql`, 2 high bits from
     /// `qh`, minus 32; one scale per 16 elements.
-    struct Q6K;
+    pub(super) struct Q6K;
     impl Kind for Q6K {
         const SIGNED: bool = true;
         const MIN: bool = false;
@@ -407,28 +432,67 @@ mod avx2 {
         debug_assert_eq!(has_min(kind), matches!(kind, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K));
         let a = (w.as_ptr(), rb, xa, n, rows, o0, o1, bias, out);
         macro_rules! by_kind {
-            ($tiles:ident) => {
+            ($tiles:ident, $a:expr) => {
                 match kind {
-                    GgmlType::Q4_0 => $tiles::<Q4_0>(a),
-                    GgmlType::Q4_1 => $tiles::<Q4_1>(a),
-                    GgmlType::Q8_0 => $tiles::<Q8_0>(a),
-                    GgmlType::Q5_0 => $tiles::<Q5_0>(a),
-                    GgmlType::Q5_1 => $tiles::<Q5_1>(a),
-                    GgmlType::Q4K => $tiles::<KQuant<false>>(a),
-                    GgmlType::Q5K => $tiles::<KQuant<true>>(a),
-                    GgmlType::Q6K => $tiles::<Q6K>(a),
-                    _ => {}
+                    GgmlType::Q4_0 => $tiles::<Q4_0>($a),
+                    GgmlType::Q4_1 => $tiles::<Q4_1>($a),
+                    GgmlType::Q8_0 => $tiles::<Q8_0>($a),
+                    GgmlType::Q5_0 => $tiles::<Q5_0>($a),
+                    GgmlType::Q5_1 => $tiles::<Q5_1>($a),
+                    GgmlType::Q4K => $tiles::<KQuant<false>>($a),
+                    GgmlType::Q5K => $tiles::<KQuant<true>>($a),
+                    GgmlType::Q6K => $tiles::<Q6K>($a),
+                    _ => Default::default(),
                 }
             };
         }
         if vnni {
-            by_kind!(tiles_vnni)
+            // Prompt-sized batches: weight rows decoded once into a panel for all x rows; the
+            // columns it leaves (fewer than a panel) go through the tiles below.
+            let a = if n >= GEMM_MIN_ROWS && xa.u.len() >= n * xa.nb * QB {
+                let done = by_kind!(gemm_columns, a);
+                (w.as_ptr(), rb, xa, n, rows, done.max(o0), o1, bias, out)
+            } else {
+                a
+            };
+            by_kind!(tiles_vnni, a)
         } else {
-            by_kind!(tiles)
+            by_kind!(tiles, a)
         }
     }
 
-    type Args<'a> = (*const u8, usize, &'a QActs, usize, usize, usize, usize, Option<&'a [f32]>, *mut f32);
+    /// `super::quantize_block` for finite x: the same products, rounded half away from zero
+    /// exactly (trunc, then +-1 where the exact remainder is at least one half); |q| <= 127.
+    ///
+    /// SAFETY: xb and qb hold QB values; the CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_block(xb: &[f32], id: f32, qb: &mut [i8]) -> i32 {
+        let idv = _mm256_set1_ps(id);
+        let half = _mm256_set1_ps(0.5);
+        let sign = _mm256_set1_ps(-0.0);
+        let one = _mm256_set1_ps(1.0);
+        let mut q32 = [_mm256_setzero_si256(); 4];
+        for (j, qv) in q32.iter_mut().enumerate() {
+            let p = _mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * j)), idv);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(p, t));
+            let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), _mm256_or_ps(one, _mm256_and_ps(p, sign)));
+            *qv = _mm256_cvttps_epi32(_mm256_add_ps(t, up));
+        }
+        // i32 -> i16 -> i8 packs work per 128-bit lane: restore element order with one permute.
+        let w16a = _mm256_packs_epi32(q32[0], q32[1]);
+        let w16b = _mm256_packs_epi32(q32[2], q32[3]);
+        let b8 = _mm256_packs_epi16(w16a, w16b);
+        let b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, b8);
+        let sum16 = _mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum16), _mm256_extracti128_si256::<1>(sum16));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b1110>(s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+        _mm_cvtsi128_si32(s1)
+    }
+
+    pub(super) type Args<'a> = (*const u8, usize, &'a QActs, usize, usize, usize, usize, Option<&'a [f32]>, *mut f32);
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tiles<K: Kind>(a: Args) {
@@ -545,7 +609,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::kernels::{linear, linear_gated, linear_many, use_avx2, Proj};
+    use crate::backend::cpu::kernels::{linear, linear_gated, linear_many, use_avx2, Gate, Proj};
     use crate::tensor::{Buf, Data, Matrix};
     use crate::weights::gguf::quant::dequantize;
 
@@ -680,16 +744,19 @@ mod tests {
         if !super::super::use_avx512vnni() {
             return;
         }
+        // n >= GEMM_MIN_ROWS takes the panel kernel (gemm.rs) for whole panels of 8 columns and
+        // the tiles for the rest; 700 rows span two x tiles.
         for kind in KINDS {
-            for n in [1, 6] {
+            for n in [1, 4, 5, 6, 11, if kind == GgmlType::Q4K { 700 } else { 33 }] {
                 let (rows, cols) = (29, 768);
                 let w = qmatrix(kind, rows, cols, 5);
+                let bias = vals(rows, 4);
                 let Data::Quant { bytes, .. } = &w.data else { unreachable!() };
                 let xa = quantize_acts(&vals(n * cols, 9), n, cols);
                 let run = |vnni: bool| {
                     let mut out = vec![f32::NAN; n * rows];
                     // SAFETY: out holds n x rows values; w is rows whole rows of `kind`.
-                    unsafe { avx2::chunk(kind, bytes, row_bytes(kind, cols), &xa, n, rows, 0, rows, None, out.as_mut_ptr(), vnni) };
+                    unsafe { avx2::chunk(kind, bytes, row_bytes(kind, cols), &xa, n, rows, 3, rows, Some(&bias), out.as_mut_ptr(), vnni) };
                     out
                 };
                 let (a, b) = (run(false), run(true));
@@ -755,7 +822,7 @@ mod tests {
             linear(&x, n, &u, None, &mut up);
             super::super::silu_mul(&mut want, &up);
             let (mut got, mut scratch) = (vec![0f32; n * 96], vec![0f32; n * 96]);
-            linear_gated(&x, n, Proj { w: &g, bias: None, out: &mut got }, Proj { w: &u, bias: None, out: &mut scratch });
+            linear_gated(&x, n, Proj { w: &g, bias: None, out: &mut got }, Proj { w: &u, bias: None, out: &mut scratch }, Gate::Silu);
             assert!(got.iter().zip(&want).all(|(p, q)| p.to_bits() == q.to_bits()), "gated n={n}");
         }
     }
@@ -768,6 +835,61 @@ mod tests {
             let mut row = vec![0f32; 256];
             w.row_f32(2, &mut row);
             assert_eq!(row, all[512..768]);
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_quantization_matches_the_reference() {
+        if !use_avx2() {
+            return;
+        }
+        // Random blocks plus exact ties (k + 1/2 after scaling) and values just below a tie.
+        let mut blocks: Vec<Vec<f32>> = (0..200).map(|i| vals(QB, i)).collect();
+        blocks.push((0..QB).map(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 }).collect());
+        blocks.push((0..QB).map(|i| if i == 0 { -127.0 } else { f32::from_bits((i as f32 + 0.5).to_bits() - 1) }).collect());
+        blocks.push(vec![0.0; QB]);
+        for xb in &blocks {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let (mut a, mut b) = ([0i8; QB], [0i8; QB]);
+            let sa = quantize_block(xb, id, &mut a);
+            // SAFETY: QB values each; AVX2 checked above.
+            let sb = unsafe { avx2::quantize_block(xb, id, &mut b) };
+            assert_eq!((a, sa), (b, sb), "{xb:?}");
+        }
+    }
+
+    /// Kernel timing, not a check: the panel kernel against the row tiles (single thread):
+    /// `cargo test --lib quant_bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn quant_bench() {
+        if !super::super::use_avx512vnni() {
+            return;
+        }
+        for kind in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+            for &(rows, cols) in &[(1536usize, 576usize), (576, 1536)] {
+                let w = qmatrix(kind, rows, cols, 1);
+                let Data::Quant { bytes, .. } = &w.data else { unreachable!() };
+                let n = 64;
+                let xa = quantize_acts(&vals(n * cols, 2), n, cols);
+                let tiles_only = QActs { u: Vec::new(), ..quantize_acts(&vals(n * cols, 2), n, cols) };
+                let mut out = vec![0f32; n * rows];
+                for (label, xa) in [("panel", &xa), ("tiles", &tiles_only)] {
+                    let mut times = Vec::new();
+                    for _ in 0..15 {
+                        let t = std::time::Instant::now();
+                        // SAFETY: out holds n x rows; w is rows whole rows of `kind`.
+                        unsafe { avx2::chunk(kind, bytes, row_bytes(kind, cols), xa, n, rows, 0, rows, None, out.as_mut_ptr(), true) };
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                    times.sort_by(|a, b| a.total_cmp(b));
+                    let med = times[times.len() / 2];
+                    println!("{kind:?} n={n} {rows}x{cols} {label}: {:8.1} us  {:6.1} GMAC/s", med * 1e6, (n * rows * cols) as f64 / med / 1e9);
+                }
+            }
         }
     }
 
