@@ -11,8 +11,14 @@ mkdir -p "$dir"
 cd "$dir"
 if [ ! -x build/bin/llama-server ]; then
   python3 -m pip install -q cmake
-  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d sdist
-  tar xzf sdist/llama_cpp_python-"$version".tar.gz
+  # The sdist itself from PyPI's simple index (JSON form); pip download would build its metadata.
+  url=$(python3 -c "
+import json, urllib.request
+req = urllib.request.Request('https://pypi.org/simple/llama-cpp-python/', headers={'Accept': 'application/vnd.pypi.simple.v1+json'})
+files = json.load(urllib.request.urlopen(req))['files']
+print(next(f['url'] for f in files if f['filename'] == 'llama_cpp_python-$version.tar.gz'))")
+  python3 -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], 'sdist.tar.gz')" "$url"
+  tar xzf sdist.tar.gz
   src="llama_cpp_python-$version/vendor/llama.cpp"
   # shellcheck disable=SC2086
   cmake -S "$src" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \

@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp_poly;
+
 /// Elements per parallel task; below two of these the call stays on the calling thread.
 const PAR_CHUNK: usize = 1 << 14;
 
@@ -75,48 +77,12 @@ fn gelu_tanh_mul_one(x: f32, u: f32) -> f32 {
     x / (1.0 + exp_poly(-2.0 * z)) * u
 }
 
-// exp as Cephes' expf: n = floor(x log2(e) + 1/2), r = x - n ln 2 (in two parts), a degree-6
-// polynomial, times 2^n. About 1 ulp; the input is clamped to [-87, 88] (finite, normal results).
-const EXP_LO: f32 = -87.0;
-const EXP_HI: f32 = 88.0;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
-
-#[inline(always)]
-fn exp_poly(x: f32) -> f32 {
-    let x = x.max(EXP_LO).min(EXP_HI);
-    let n = x.mul_add(LOG2E, 0.5).floor();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p = EXP_P[0];
-    for &c in &EXP_P[1..] {
-        p = p.mul_add(r, c);
-    }
-    let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_HI, EXP_LO, EXP_P, GELU_CUBIC, LN2_HI, LN2_LO, LOG2E, SQRT_2_OVER_PI};
-
-    /// `super::exp_poly` on 8 lanes.
-    #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5)));
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x));
-        let mut p = _mm256_set1_ps(EXP_P[0]);
-        for &c in &EXP_P[1..] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
-        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    }
+    use super::super::exp::exp8;
+    use super::{GELU_CUBIC, SQRT_2_OVER_PI};
 
     /// `super::gelu_tanh_mul_one` on whole groups of 8; returns how many elements it did.
     ///

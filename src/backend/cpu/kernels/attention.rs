@@ -214,14 +214,23 @@ fn span(p: usize, window: Option<usize>) -> (usize, usize) {
     (lo, p + 1)
 }
 
-/// In-place f32 softmax, max-subtracted, probabilities as e_j / sum (as torch.softmax).
+/// In-place f32 softmax, max-subtracted, probabilities as e_j / sum (as torch.softmax). The
+/// exponentials are `exp.rs`'s (any chunking, same bits); the sum runs in 8 lanes (lane l takes
+/// elements l, l+8, ...), then a fixed tree, then the tail in order: one order on every path.
 #[inline]
 fn softmax(s: &mut [f32]) {
     let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
+    super::exp::exp_shifted(s, m);
+    let mut lanes = [0f32; 8];
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    for &v in chunks.remainder() {
+        sum += v;
     }
     for x in s.iter_mut() {
         *x /= sum;
@@ -292,7 +301,7 @@ mod avx2 {
 /// sum the same sequence of operations, so a token's bits do not depend on its group.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::super::dot::{axpy, block};
+    use super::super::dot::block;
     use super::super::wide::tile;
     use super::{softmax, span, Shape};
 
@@ -349,16 +358,51 @@ mod avx512 {
                 j += 1;
             }
             for (r, &(a, b)) in spans.iter().enumerate() {
-                let p = &mut scores[r * len + a - lo..r * len + b - lo];
-                softmax(p);
-                let o = out.add(((t0 + r) * sh.n_heads + h) * hd);
-                std::slice::from_raw_parts_mut(o, hd).fill(0.0);
-                for (jj, &pj) in (a..b).zip(p.iter()) {
-                    axpy(o, pj, vb.add(jj * hd), hd);
-                }
+                softmax(&mut scores[r * len + a - lo..r * len + b - lo]);
             }
+            let outs: [*mut f32; G] = std::array::from_fn(|r| out.add(((t0 + r) * sh.n_heads + h) * hd));
+            weighted_sum(&scores, len, lo, hi, &spans, vb, hd, outs);
         }
         groups * G
+    }
+
+    /// out[r] = sum over row r's positions j of p[r][j] * v_j, each element a sequence of fused
+    /// multiply-adds in j order from 0 (as `axpy` row by row), with the four rows' sums held in
+    /// registers 16 elements at a time: each v_j is loaded once for the group, and a position
+    /// outside a row's span leaves that row's register untouched (skipped, not multiplied by 0).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weighted_sum(
+        p: &[f32],
+        len: usize,
+        lo: usize,
+        hi: usize,
+        spans: &[(usize, usize); G],
+        vb: *const f32,
+        hd: usize,
+        outs: [*mut f32; G],
+    ) {
+        use std::arch::x86_64::*;
+        let pp = p.as_ptr();
+        let mut d = 0;
+        while d < hd {
+            let lanes = (hd - d).min(16);
+            let keep: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
+            let mut acc = [_mm512_setzero_ps(); G];
+            for j in lo..hi {
+                let v = _mm512_maskz_loadu_ps(keep, vb.add(j * hd + d));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let (ra, rb) = spans[r];
+                    if j >= ra && j < rb {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(r * len + j - lo)), v, *a);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(outs[r].add(d), keep, *a);
+            }
+            d += 16;
+        }
     }
 }
 

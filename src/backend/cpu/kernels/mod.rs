@@ -9,6 +9,7 @@
 mod activation;
 mod attention;
 mod dot;
+mod exp;
 mod linear;
 mod norm;
 mod quant;
