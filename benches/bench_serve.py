@@ -210,7 +210,11 @@ def main() -> None:
                 measure("llama-server", base, n)
             finally:
                 proc.terminate()
-                proc.wait(10)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     try:
         for name, (proc, port) in servers.items():
             base = f"http://127.0.0.1:{port}"

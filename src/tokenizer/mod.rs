@@ -56,6 +56,9 @@ pub struct Tokenizer {
     add_eos_token: Option<bool>,
     clean_up_tokenization_spaces: bool,
     source: Option<PathBuf>,
+    /// (with added tokens, without): `tokenizers` rebuilds the whole vocabulary map to count it,
+    /// and streaming asks for it per token; the tokenizer never changes after loading.
+    vocab_sizes: (usize, usize),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -253,7 +256,9 @@ impl Tokenizer {
             .filter(|v| *v > 0.0 && *v < 1e18)
             .map(|v| v as u64);
         let flag = |k: &str| config.get(k).and_then(|v| v.as_bool());
+        let vocab_sizes = (inner.get_vocab_size(true), inner.get_vocab_size(false));
         Ok(Tokenizer {
+            vocab_sizes,
             inner,
             special,
             chat_templates,
@@ -380,12 +385,12 @@ impl Tokenizer {
 
     /// Full vocabulary size including added tokens (HF `len(tokenizer)`).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_sizes.0
     }
 
     /// Base vocabulary size without added tokens (HF `tokenizer.vocab_size`).
     pub fn base_vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(false)
+        self.vocab_sizes.1
     }
 
     /// The largest id any token has, plus one (>= `vocab_size()` when ids have gaps).

@@ -557,8 +557,10 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); W]; R];
         let mut m = [[0f32; W]; R];
         // Rows are short (a 640-wide Q8_0 row is 680 bytes), too short for the hardware
-        // prefetcher to ramp up on each: fetch the next tile's rows while this one computes.
-        let ahead = rb * W;
+        // prefetcher to ramp up on each: fetch the rows 4 tiles ahead while this one computes
+        // (one tile ahead is less than a DRAM latency on the Zen 5 VM: SmolLM2 decode ~190 -> ~260
+        // tok/s; 2 and 8 tiles measured no better).
+        let ahead = rb * W * 4;
         let block_bytes = rb / nb.max(1);
         for b in 0..nb {
             let mut wv = [(_mm256_setzero_si256(), 0f32, 0f32, 0f32); W];
