@@ -1,4 +1,4 @@
-//! One exponential for every elementwise kernel (gated activations, softmax): a Cephes-style
+//! The exponential of the elementwise kernels (GeGLU): a Cephes-style
 //! polynomial whose 8-lane and scalar forms run the same operations, so an element's bits never
 //! depend on whether it fell in a SIMD group or a tail (any chunking, any batch: same result).
 
@@ -25,19 +25,6 @@ pub(super) fn exp_poly(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// x[i] = exp(x[i] - shift) over a run of elements.
-pub(super) fn exp_shifted(x: &mut [f32], shift: f32) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    if super::use_avx2() {
-        // SAFETY: AVX2+FMA present; the kernel stays within the slice.
-        i = unsafe { avx2::exp_shifted(x, shift) };
-    }
-    for v in &mut x[i..] {
-        *v = exp_poly(*v - shift);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx2::exp8;
 
@@ -62,21 +49,6 @@ mod avx2 {
         let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
     }
-
-    /// `super::exp_shifted` on whole groups of 8; returns how many elements it did.
-    ///
-    /// SAFETY: the CPU must support avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp_shifted(x: &mut [f32], shift: f32) -> usize {
-        let len = x.len() / 8 * 8;
-        let (p, s) = (x.as_mut_ptr(), _mm256_set1_ps(shift));
-        let mut i = 0;
-        while i < len {
-            _mm256_storeu_ps(p.add(i), exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), s)));
-            i += 8;
-        }
-        len
-    }
 }
 
 #[cfg(test)]
@@ -84,11 +56,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_is_accurate_and_chunking_free() {
-        let xs: Vec<f32> = (0..3001).map(|i| (i as f32 - 2500.0) * 0.037).chain([f32::NAN, -1e30, 0.0, -0.0]).collect();
-        let mut all = xs.clone();
-        exp_shifted(&mut all, 0.0);
-        for (&x, &e) in xs.iter().zip(&all) {
+    fn exp_is_accurate_and_its_lanes_equal_the_scalar_form() {
+        let xs: Vec<f32> = (0..3000).map(|i| (i as f32 - 2500.0) * 0.037).chain([f32::NAN, -1e30, 0.0, -0.0]).collect();
+        for &x in &xs {
+            let e = exp_poly(x);
             if x.is_nan() {
                 assert!(e.is_nan());
                 continue;
@@ -96,10 +67,23 @@ mod tests {
             let want = (x as f64).exp().max((EXP_LO as f64).exp());
             assert!(((e as f64) - want).abs() <= 2.5e-7 * want, "exp({x}) = {e}, want {want}");
         }
-        for start in [1usize, 3, 5] {
-            let mut part = xs[start..].to_vec();
-            exp_shifted(&mut part, 0.0);
-            assert!(part.iter().zip(&all[start..]).all(|(a, b)| a.to_bits() == b.to_bits()), "start={start}");
+        #[cfg(target_arch = "x86_64")]
+        if crate::backend::cpu::kernels::use_avx2() {
+            for c in xs.chunks_exact(8) {
+                let mut lanes = [0f32; 8];
+                // SAFETY: AVX2+FMA checked; 8 values in and out.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn run(c: &[f32], out: &mut [f32; 8]) {
+                        _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
+                    }
+                    run(c, &mut lanes);
+                }
+                for (&x, &e) in c.iter().zip(&lanes) {
+                    assert_eq!(e.to_bits(), exp_poly(x).to_bits(), "x={x}");
+                }
+            }
         }
     }
 }
