@@ -180,7 +180,8 @@ unsafe fn head(
     if avx && sh.softcap.is_none() {
         // Prompts with AVX-512: queries 4 at a time (same dots, same bits), the rest one by one.
         let grouped = if n_tok >= 4 && super::use_avx512vl() { avx512::head_groups(sh, q, k, cap, start, n_tok, h, v, out) } else { 0 };
-        return avx2::head(sh, q, k, v, cap, start + grouped, n_tok - grouped, h, out.add(grouped * sh.n_heads * sh.hd), grouped);
+        let done = grouped * sh.n_heads * sh.hd;
+        return avx2::head(sh, &q[done..], k, v, cap, start + grouped, n_tok - grouped, h, out.add(done));
     }
     let _ = avx;
     let hd = sh.hd;
@@ -240,8 +241,6 @@ mod avx2 {
     /// SAFETY: as `super::head`; the CPU must support avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    /// `skip`: the first `skip` tokens of q are already done (`start` and `out` point past them).
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn head(
         sh: Shape,
         q: &[f32],
@@ -252,7 +251,6 @@ mod avx2 {
         n_tok: usize,
         h: usize,
         out: *mut f32,
-        skip: usize,
     ) {
         let hd = sh.hd;
         let kvh = (h / sh.group).min(sh.n_kv - 1);
@@ -261,7 +259,7 @@ mod avx2 {
         let mut p: Vec<f32> = Vec::new();
         for t in 0..n_tok {
             let (lo, hi) = span(start + t, sh.window);
-            let qr = q.as_ptr().add(((skip + t) * sh.n_heads + h) * hd);
+            let qr = q.as_ptr().add((t * sh.n_heads + h) * hd);
             let o = out.add((t * sh.n_heads + h) * hd);
             p.clear();
             p.resize(hi - lo, 0.0);

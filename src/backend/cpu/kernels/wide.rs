@@ -61,6 +61,12 @@ impl Pairs for f16 {
     }
 }
 
+/// The two 8-lane halves of a register (two dots' accumulators).
+#[inline(always)]
+pub(super) unsafe fn halves(v: __m512) -> [__m256; 2] {
+    [_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))]
+}
+
 /// Broadcasts 8 floats at `p` to both halves.
 #[inline(always)]
 unsafe fn bcast8(p: *const f32) -> __m512 {
@@ -190,11 +196,7 @@ pub(super) unsafe fn tile<T: Pairs, const R: usize, const P: usize>(
     let mut out = [[[0f32; 2]; P]; R];
     for r in 0..R {
         for p in 0..P {
-            let halves = [
-                _mm512_castps512_ps256(acc[r][p]),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r][p]))),
-            ];
-            for (h, half) in halves.into_iter().enumerate() {
+            for (h, half) in halves(acc[r][p]).into_iter().enumerate() {
                 let k = 2 * p + h;
                 let mut s = hsum(half);
                 for j in i..c {

@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::super::dot::hsum;
+use super::super::wide::halves;
 use super::avx2::{Args, Kind};
 use super::{QActs, QB};
 
@@ -147,9 +148,7 @@ unsafe fn rows_tile<K: Kind, const RR: usize>(
         let mut mins = [0f32; W];
         _mm256_storeu_ps(mins.as_mut_ptr(), m[r]);
         for k in 0..PAIRS {
-            let first = _mm512_castps512_ps256(acc[r][k]);
-            let second = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r][k])));
-            for (h, half) in [first, second].into_iter().enumerate() {
+            for (h, half) in halves(acc[r][k]).into_iter().enumerate() {
                 let c = 2 * k + h;
                 let mut s = hsum(half) + mins[c];
                 if let Some(b) = bias {

@@ -29,7 +29,8 @@ pub(crate) const QB: usize = 32;
 pub(crate) const GEMM_MIN_ROWS: usize = 4;
 
 /// Activation rows quantized to blocks of `QB`: `nb` blocks per row, row-major. `u` holds the
-/// same values offset to unsigned (q + 128) for the panel kernel, only for `GEMM_MIN_ROWS`+ rows.
+/// same values offset to unsigned (q + 128) for the panel kernel, only for `GEMM_MIN_ROWS`+ rows
+/// on CPUs with AVX-512 VNNI (empty otherwise).
 pub(crate) struct QActs {
     pub q: Vec<i8>,
     pub u: Vec<u8>,
@@ -66,7 +67,8 @@ pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> QActs {
         // same rounded x as the rest, so the error is sum(w * dx) rather than sum((w - min) * dx).
         s[bi] = dd * isum as f32;
     }
-    let u = if n >= GEMM_MIN_ROWS { q.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { Vec::new() };
+    // Only the VNNI panel kernel reads u.
+    let u = if n >= GEMM_MIN_ROWS && super::use_avx512vnni() { q.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { Vec::new() };
     QActs { q, u, d, s, nb }
 }
 
@@ -449,7 +451,8 @@ mod avx2 {
         if vnni {
             // Prompt-sized batches: weight rows decoded once into a panel for all x rows; the
             // columns it leaves (fewer than a panel) go through the tiles below.
-            let a = if n >= GEMM_MIN_ROWS && xa.u.len() >= n * xa.nb * QB {
+            // (The panel kernel checks that xa.u holds the rows and does nothing otherwise.)
+            let a = if n >= GEMM_MIN_ROWS {
                 let done = by_kind!(gemm_columns, a);
                 (w.as_ptr(), rb, xa, n, rows, done.max(o0), o1, bias, out)
             } else {
