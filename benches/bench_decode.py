@@ -13,6 +13,7 @@ over minutes) and neither sees the other's idle thread pools. Prints markdown ro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -60,11 +61,13 @@ def time_transformers(model_dir: Path, dtype: str, batch: int, prompt_len: int, 
     return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
-def time_kvgen(model_dir: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int):
+def time_kvgen(model_dir: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, compute: str = "auto"):
     import numpy as np
     import kvgen
 
-    gen = kvgen.Generator.from_pretrained(str(model_dir), dtype="auto" if dtype != "float32" else "float32")
+    gen = kvgen.Generator.from_pretrained(
+        str(model_dir), dtype="auto" if dtype != "float32" else "float32", compute_dtype=compute
+    )
     ids = np.random.default_rng(1).integers(3, 49152, size=(batch, prompt_len), dtype=np.int64)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=2)
     gen.generate(ids, max_new_tokens=2, **kw)  # warm-up
@@ -92,8 +95,16 @@ def one(argv: list[str], args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    fn = time_transformers if engine == "transformers" else time_kvgen
+    if engine == "transformers":
+        fn = time_transformers
+    else:
+        fn = functools.partial(time_kvgen, compute="bfloat16" if engine == KV_BF16 else "auto")
     print(json.dumps(fn(Path(model_dir), dtype, int(batch), args.prompt_len, args.new_tokens)))
+
+
+# kvgen with compute_dtype="bfloat16" (transformers' bf16 numerics, AVX512-BF16 dot products),
+# run beside the default f32 arithmetic on bf16 weights.
+KV_BF16 = "kvgen compute_dtype=bfloat16"
 
 
 def main() -> None:
@@ -131,6 +142,8 @@ def main() -> None:
         model_dir = build_model(cache, dtype)
         for batch in (int(b) for b in args.batches.split(",")):
             runs = {"transformers": [], "kvgen": []}
+            if dtype == "bfloat16":
+                runs[KV_BF16] = []
             for _ in range(args.repeats):
                 for engine in runs:
                     runs[engine].append(run_once(engine, model_dir, dtype, batch, args))
@@ -140,7 +153,15 @@ def main() -> None:
             roof = batch * bw * 1e9 / weight_bytes(str(model_dir))
             rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | transformers {__import__('transformers').__version__} | {hf[1]:.1f} | {hf[0]*1e3:.0f} | 1.00x | {hf[1] / roof:.0%} |")
             rows.append(f"| SmolLM2-135M shape (random) | {dtype} | {batch} | kvgen | {kv[1]:.1f} | {kv[0]*1e3:.0f} | {ratio:.2f}x | {kv[1] / roof:.0%} |")
-            print(rows[-2] + "\n" + rows[-1], flush=True)
+            if KV_BF16 in runs:
+                kb = [statistics.median(r[i] for r in runs[KV_BF16]) for i in (0, 1)]
+                r_hf = statistics.median(k[1] / h[1] for h, k in zip(runs["transformers"], runs[KV_BF16]))
+                r_kv = statistics.median(k[1] / h[1] for h, k in zip(runs["kvgen"], runs[KV_BF16]))
+                rows.append(
+                    f"| SmolLM2-135M shape (random) | {dtype} | {batch} | {KV_BF16} | {kb[1]:.1f} | {kb[0]*1e3:.0f} | "
+                    f"{r_hf:.2f}x ({r_kv:.2f}x f32 compute) | {kb[1] / roof:.0%} |"
+                )
+            print("\n".join(rows[-3:]), flush=True)
     text = header + "\n".join(rows) + "\n"
     print(text)
     if args.out:

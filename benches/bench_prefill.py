@@ -37,10 +37,10 @@ def prompt_ids(vocab_hi: int, batch: int, length: int) -> list[list[int]]:
     return [[rng.randrange(300, vocab_hi) for _ in range(length)] for _ in range(batch)]
 
 
-def kvgen_runner(target: str, dtype: str):
+def kvgen_runner(target: str, dtype: str, compute: str = "auto"):
     import kvgen
 
-    gen = kvgen.Generator.from_pretrained(target, dtype=dtype)
+    gen = kvgen.Generator.from_pretrained(target, dtype=dtype, compute_dtype=compute)
 
     def once(rows):
         t0 = time.perf_counter()
@@ -90,6 +90,8 @@ def child(spec: dict) -> dict:
     engine, target, dtype, threads = spec["engine"], spec["target"], spec["dtype"], spec["threads"]
     if engine == "kvgen":
         once = kvgen_runner(target, dtype)
+    elif engine == KV_BF16:
+        once = kvgen_runner(target, dtype, "bfloat16")
     elif engine == "llama.cpp":
         once = llama_cpp_runner(target, threads)
     else:
@@ -113,16 +115,25 @@ def run_child(spec: dict, threads: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+# kvgen with compute_dtype="bfloat16" (transformers' bf16 numerics), beside its f32 arithmetic.
+KV_BF16 = "kvgen bf16 compute"
+
+
 def table(title: str, engines: list[str], results: dict, shapes: list[tuple[int, int]], base: str) -> str:
-    head = "| batch | prompt | " + " | ".join(f"{e} ms" for e in engines) + f" | kvgen vs {base} |\n"
-    head += "|---" * (len(engines) + 3) + "|\n"
+    mine = [e for e in engines if e.startswith("kvgen")]
+    head = "| batch | prompt | " + " | ".join(f"{e} ms" for e in engines)
+    head += "".join(f" | {e} vs {base}" for e in mine) + " |\n"
+    head += "|---" * (len(engines) + len(mine) + 2) + "|\n"
     rows = []
     for b, n in shapes:
         key = f"{b}x{n}"
         cells = [f"{results[e][key] * 1000:.0f}" if key in results.get(e, {}) else "n/a" for e in engines]
-        k, r = results.get("kvgen", {}).get(key), results.get(base, {}).get(key)
-        ratio = f"{k / r:.2f}x" if k and r else "n/a"
-        rows.append(f"| {b} | {n} | " + " | ".join(cells) + f" | {ratio} |")
+        r = results.get(base, {}).get(key)
+        ratios = []
+        for e in mine:
+            k = results.get(e, {}).get(key)
+            ratios.append(f"{k / r:.2f}x" if k and r else "n/a")
+        rows.append(f"| {b} | {n} | " + " | ".join(cells + ratios) + " |")
     return f"\n{title}\n\n" + head + "\n".join(rows) + "\n"
 
 
@@ -164,8 +175,9 @@ def main() -> None:
                 model_dir = str(build_model(Path(a.cache), dtype))
                 spec = {"target": model_dir, "dtype": dtype, "threads": a.threads, "repeats": a.repeats,
                         "shapes": {f"{b}x{n}": prompt_ids(49152, b, n) for b, n in shapes}}
-                res = {e: run_child(dict(spec, engine=e), a.threads) for e in ("kvgen", "transformers")}
-                blocks.append(table(f"SmolLM2-135M shape (random), {dtype} weights", ["kvgen", "transformers"], res,
+                engines = ["kvgen", KV_BF16, "transformers"] if dtype == "bfloat16" else ["kvgen", "transformers"]
+                res = {e: run_child(dict(spec, engine=e), a.threads) for e in engines}
+                blocks.append(table(f"SmolLM2-135M shape (random), {dtype} weights", engines, res,
                                     shapes, "transformers"))
                 print(blocks[-1], flush=True)
     if a.append:

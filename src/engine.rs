@@ -20,6 +20,9 @@ pub struct Engine {
     pub generation_config: serde_json::Value,
     pub model_path: PathBuf,
     pub dtype: DType,
+    /// The arithmetic of the forward: float32 (the native backend's default, whatever `dtype`),
+    /// or the weights' dtype (torch; native with `compute_dtype="bfloat16"`).
+    pub compute_dtype: DType,
     /// What the load decided that the user should hear about, once (the frontend shows them).
     pub notices: Vec<Notice>,
 }
@@ -45,7 +48,7 @@ impl Notice {
 /// "auto"), except float16 on Gemma 3, whose activations outgrow float16 (transformers computes
 /// NaN logits in it): that becomes float32 (float16 weights upcast exactly), with one warning
 /// saying how to choose.
-fn compute_dtype(config: &ModelConfig, requested: Option<DType>, resolved: DType, notices: &mut Vec<Notice>) -> DType {
+fn effective_dtype(config: &ModelConfig, requested: Option<DType>, resolved: DType, notices: &mut Vec<Notice>) -> DType {
     if config.architecture != Architecture::Gemma3 || resolved != DType::F16 {
         return resolved;
     }
@@ -74,6 +77,36 @@ fn vision_notice(config: &ModelConfig, source: &dyn TensorSource, notices: &mut 
     }
 }
 
+/// Parses the user's `compute_dtype=` argument: None ("auto"), float32 or bfloat16.
+pub fn parse_compute_dtype(name: &str) -> Result<Option<DType>> {
+    match parse_dtype(name) {
+        Ok(Some(DType::F16)) | Err(_) => Err(Error::invalid(format!(
+            "compute_dtype={name:?} is not supported; use \"auto\" (float32 arithmetic on the native backend, the \
+             weights' dtype on torch), \"float32\" or \"bfloat16\" (transformers' bfloat16 forward)"
+        ))),
+        other => other,
+    }
+}
+
+/// `compute_dtype="bfloat16"` needs bfloat16 weights: "auto" becomes bfloat16, another dtype is
+/// refused. Returns the dtype to load.
+fn dtype_for_compute(dtype: Option<DType>, compute: Option<DType>, target: &Target) -> Result<Option<DType>> {
+    match (compute, dtype) {
+        (Some(DType::BF16), None | Some(DType::BF16)) => Ok(Some(DType::BF16)),
+        (Some(DType::BF16), Some(d)) => Err(Error::invalid(format!(
+            "compute_dtype=\"bfloat16\" multiplies bfloat16 weights, but dtype=\"{}\" loads them as {0}; pass \
+             dtype=\"bfloat16\" (or \"auto\"), or leave compute_dtype=\"auto\"",
+            d.name()
+        ))),
+        (Some(DType::F32), Some(d)) if d != DType::F32 && *target != Target::Native => Err(Error::invalid(format!(
+            "compute_dtype=\"float32\" with dtype=\"{}\": the torch backend computes in the weights' dtype; pass \
+             dtype=\"float32\", or use the native backend (backend=\"native\"), which computes {0} weights in float32",
+            d.name()
+        ))),
+        _ => Ok(dtype),
+    }
+}
+
 /// Parses the user's `dtype=` argument; None means "auto".
 pub fn parse_dtype(name: &str) -> Result<Option<DType>> {
     match name {
@@ -91,22 +124,26 @@ impl Engine {
     /// Loads a model directory, a .gguf file or a cached hub id; `progress(done, total)` reports
     /// the weights loaded so far.
     pub fn load(name: &str, device: &str, dtype: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine> {
-        Self::load_on(name, device, "auto", dtype, 1, progress)
+        Self::load_on(name, device, "auto", dtype, "auto", 1, progress)
     }
 
     /// `load` with an explicit backend ("auto": native on CPU, torch on CUDA; "native"; "torch")
-    /// and `tp_degree` tensor-parallel ranks (the native backend; the torch backend has one).
+    /// and `tp_degree` tensor-parallel ranks (the native backend; the torch backend has one);
+    /// `compute_dtype` "bfloat16" runs transformers' bfloat16 numerics on bfloat16 weights.
     pub fn load_on(
         name: &str,
         device: &str,
         backend: &str,
         dtype: &str,
+        compute_dtype: &str,
         tp_degree: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Engine> {
-        let dtype = parse_dtype(dtype)?;
+        let compute = parse_compute_dtype(compute_dtype)?;
         let target = select::choose(device, backend)?;
-        let target = LoadTarget { target, tp_degree };
+        let dtype = dtype_for_compute(parse_dtype(dtype)?, compute, &target)?;
+        let bf16_compute = compute == Some(DType::BF16) && target == Target::Native;
+        let target = LoadTarget { target, tp_degree, bf16_compute };
         if tp_degree != 1 && target.target != Target::Native {
             return Err(Error::invalid(format!(
                 "tp_degree={tp_degree} is not supported by the torch backend yet (one device per model; multi-GPU \
@@ -177,15 +214,16 @@ impl Engine {
         // Only the native kernels compute on blocks: the torch backend gets them dequantized.
         let quantized = dtype.is_none() && target.target == Target::Native;
         let mut notices = Vec::new();
-        let dtype = compute_dtype(&config, dtype, dtype.unwrap_or(DType::F32), &mut notices);
+        let dtype = effective_dtype(&config, dtype, dtype.unwrap_or(DType::F32), &mut notices);
         config.round_for_weights(dtype);
         let source = if quantized { source.keeping_quantized() } else { source };
         // The one place GGUF weights become matrices: quantized ones kept when `source` keeps
         // them (`Data::Quant` counts as F32, so it passes through), the rest dequantized to `dtype`.
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
+        let backend = make_backend(target, &config, &plan, weights, dtype)?;
         let tokenizer = Some(Arc::new(Tokenizer::from_gguf(&source.file)?));
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype, notices })
+        let compute_dtype = target.compute_dtype(dtype, &mut notices);
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path.to_path_buf(), dtype, compute_dtype, notices })
     }
 
     fn load_dir(
@@ -206,13 +244,14 @@ impl Engine {
         let source = SafetensorsSource::open_dir(dir)?;
         let mut notices = Vec::new();
         let resolved = dtype.or_else(|| source.dominant_dtype()).unwrap_or(DType::F32);
-        let dtype = compute_dtype(&config, dtype, resolved, &mut notices);
+        let dtype = effective_dtype(&config, dtype, resolved, &mut notices);
         config.round_for_weights(dtype);
         vision_notice(&config, &source, &mut notices);
         let weights = crate::weights::llama::load(&source, &config, dtype, progress)?;
-        let backend = make_backend(&target.target, &config, &plan, weights, dtype)?;
+        let backend = make_backend(target, &config, &plan, weights, dtype)?;
         let (tokenizer, generation_config) = read_extras(dir)?;
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype, notices })
+        let compute_dtype = target.compute_dtype(dtype, &mut notices);
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: dir.to_path_buf(), dtype, compute_dtype, notices })
     }
 }
 
@@ -232,7 +271,7 @@ impl Engine {
         let shards = plan.shard(&config, weights)?;
         let backend = Arc::new(crate::backend::neuron::backend::NeuronBackend::new(&config, &plan, shards, &opts)?);
         let (tokenizer, generation_config) = read_extras(&path)?;
-        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path, dtype, notices: Vec::new() })
+        Ok(Engine { config, backend, tokenizer, generation_config, model_path: path, dtype, compute_dtype: dtype, notices: Vec::new() })
     }
 }
 
@@ -320,20 +359,42 @@ fn read_extras(path: &Path) -> Result<(Option<Arc<Tokenizer>>, serde_json::Value
 struct LoadTarget {
     target: Target,
     tp_degree: usize,
+    /// The native backend with transformers' bfloat16 numerics (`compute_dtype="bfloat16"`).
+    bf16_compute: bool,
+}
+
+impl LoadTarget {
+    /// The arithmetic the backend runs on `dtype` weights; a log line where bf16 has no fast path.
+    fn compute_dtype(&self, dtype: DType, notices: &mut Vec<Notice>) -> DType {
+        if self.target != Target::Native {
+            return dtype;
+        }
+        if !self.bf16_compute {
+            return DType::F32;
+        }
+        if !crate::backend::cpu::kernels::bf16::use_avx512bf16() {
+            notices.push(Notice::log(
+                "compute_dtype=\"bfloat16\": this CPU has no AVX512-BF16, so its bfloat16 dot products run in scalar \
+                 code (the same numerics, slower than compute_dtype=\"float32\")"
+                    .into(),
+            ));
+        }
+        DType::BF16
+    }
 }
 
 /// The backend for `target`, owning `weights` sharded by `plan` (the torch backend moves them to
 /// its device).
 fn make_backend(
-    target: &Target,
+    load: &LoadTarget,
     config: &ModelConfig,
     plan: &TpPlan,
     weights: LlamaWeights,
     dtype: DType,
 ) -> Result<Arc<dyn Backend>> {
     let shards = plan.shard(config, weights)?;
-    match target {
-        Target::Native => Ok(Arc::new(CpuBackend::new(config, plan.shapes.clone(), shards)?)),
+    match &load.target {
+        Target::Native => Ok(Arc::new(CpuBackend::new(config, plan.shapes.clone(), shards, load.bf16_compute)?)),
         #[cfg(feature = "torch")]
         Target::Torch { device } => {
             let [whole]: [_; 1] = shards

@@ -116,6 +116,7 @@ class Generator:
         batch_sizes: Any = (1,),
         buckets: Any = None,
         max_context: int | None = None,
+        compute_dtype: str = "auto",
         **kwargs: Any,
     ) -> "Generator":
         """Loads an HF model directory, a .gguf file, a packaged model by name
@@ -131,7 +132,12 @@ class Generator:
         neuron_dir: an export (`kvgen.neuron.export`, compiled with `kvgen.neuron.compile`);
         neuron_executor: "nrt" (libnrt, the default) or "xla-cpu" (the same graphs on XLA's CPU
         backend, recorded on the fly when neuron_dir is None). batch_sizes, buckets and max_context
-        shape the graphs when they are recorded here (an export fixes them)."""
+        shape the graphs when they are recorded here (an export fixes them).
+
+        compute_dtype: "auto" (the native backend multiplies in float32 whatever `dtype` stores,
+        torch in the weights' dtype), "float32", or "bfloat16": transformers' bfloat16 forward
+        (bfloat16 weights and activations, float32 accumulation; AVX512-BF16 dot products where
+        the CPU has them), so logits track `model.to(torch.bfloat16)` rather than float32."""
         neuron = None
         if str(device) == "neuron":
             from ._neuron_options import set_options as _set_options
@@ -154,7 +160,14 @@ class Generator:
             progress = load_progress(name)
             # str() accepts torch.device / torch.dtype objects as transformers users pass them.
             engine = _kvgen.Engine.load(
-                name, str(device), str(dtype).replace("torch.", ""), progress, str(backend), max(-1, min(int(tp_degree), 1 << 62)), neuron
+                name,
+                str(device),
+                str(dtype).replace("torch.", ""),
+                progress,
+                str(backend),
+                max(-1, min(int(tp_degree), 1 << 62)),
+                neuron,
+                str(compute_dtype).replace("torch.", ""),
             )
             gen = cls(engine)
             gen._device = str(device)
@@ -191,6 +204,11 @@ class Generator:
     @property
     def dtype(self) -> str:
         return self._engine.dtype
+
+    @property
+    def compute_dtype(self) -> str:
+        """The forward's arithmetic: "float32", or the weights' dtype (torch, compute_dtype="bfloat16")."""
+        return self._engine.compute_dtype
 
     # ---- generation -------------------------------------------------------------------------
 

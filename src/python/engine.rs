@@ -175,7 +175,7 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string(), tp_degree = 1, neuron = None))]
+    #[pyo3(signature = (model, device = "cpu".to_string(), dtype = "auto".to_string(), progress = None, backend = "auto".to_string(), tp_degree = 1, neuron = None, compute_dtype = "auto".to_string()))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
@@ -186,6 +186,7 @@ impl PyEngine {
         backend: String,
         tp_degree: i64,
         neuron: Option<super::neuron::NeuronArgs>,
+        compute_dtype: String,
     ) -> PyResult<Self> {
         let tp_degree = usize::try_from(tp_degree).ok().filter(|&t| t >= 1).ok_or_else(|| {
             crate::error::Error::invalid(format!(
@@ -202,10 +203,17 @@ impl PyEngine {
             }
         };
         let engine = if device == "neuron" {
+            if compute_dtype != "auto" {
+                return Err(crate::error::Error::invalid(format!(
+                    "compute_dtype={compute_dtype:?} does not apply to device=\"neuron\": the graphs compute in their dtype; \
+                     choose it with dtype=, and leave compute_dtype=\"auto\""
+                )))
+                .py();
+            }
             let opts = super::neuron::neuron_options(neuron, tp_degree).py()?;
             py.detach(|| guarded(|| Engine::load_neuron(&model, &dtype, &opts, &mut report))).py()?
         } else {
-            py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, tp_degree, &mut report))).py()?
+            py.detach(|| guarded(|| Engine::load_on(&model, &device, &backend, &dtype, &compute_dtype, tp_degree, &mut report))).py()?
         };
         Ok(PyEngine::new(engine))
     }
@@ -239,6 +247,11 @@ impl PyEngine {
     #[getter]
     fn dtype(&self) -> &'static str {
         self.inner.dtype.name()
+    }
+
+    #[getter]
+    fn compute_dtype(&self) -> &'static str {
+        self.inner.compute_dtype.name()
     }
 
     #[getter]

@@ -17,12 +17,14 @@ use crate::model::host::{Host, HostWeights};
 use crate::model::llama::LlamaModel;
 use crate::model::ops::RankShape;
 use cache::KvCache;
-use ops::{CpuOps, CpuWeights, SeqBatchItem};
+use ops::{Bf16Numerics, CpuOps, CpuWeights, SeqBatchItem};
 use tp::{AbortOnExit, ReduceGroup};
 
 pub struct CpuBackend {
     /// One model per tensor-parallel rank, each holding only its shards.
     ranks: Vec<Arc<LlamaModel<Host>>>,
+    /// `compute_dtype="bfloat16"`: transformers' bf16 numerics instead of f32 arithmetic.
+    bf16: Option<Bf16Numerics>,
     /// With more than one rank: each rank's share of the worker threads.
     pools: Vec<rayon::ThreadPool>,
     weight_bytes_per_rank: usize,
@@ -41,8 +43,10 @@ enum SlotState {
 }
 
 impl CpuBackend {
-    /// A backend over the ranks' host weights (`model::tp::TpPlan::shard`), in rank order.
-    pub fn new(cfg: &ModelConfig, shapes: Vec<RankShape>, weights: Vec<HostWeights>) -> Result<Self> {
+    /// A backend over the ranks' host weights (`model::tp::TpPlan::shard`), in rank order,
+    /// computing in f32 or (`bf16_compute`) as transformers' bfloat16 forward.
+    pub fn new(cfg: &ModelConfig, shapes: Vec<RankShape>, weights: Vec<HostWeights>, bf16_compute: bool) -> Result<Self> {
+        let bf16 = bf16_compute.then(|| Bf16Numerics { norm_weight_in_f32: cfg.gemma.is_some() });
         let n = weights.len();
         let weight_bytes_per_rank = weights.iter().map(HostWeights::byte_len).max().unwrap_or(0);
         let mut ranks = Vec::with_capacity(n);
@@ -52,6 +56,7 @@ impl CpuBackend {
         let pools = if n > 1 { rank_pools(n)? } else { Vec::new() };
         Ok(CpuBackend {
             ranks,
+            bf16,
             pools,
             weight_bytes_per_rank,
             slots: Mutex::new(Vec::new()),
@@ -84,7 +89,7 @@ impl CpuBackend {
         let run = |r: usize, mut items: Vec<SeqBatchItem>| -> Result<Vec<f32>> {
             let mut guard = AbortOnExit { group: &group, rank: r, finished: false };
             let out = self.pools[r].install(|| {
-                catch_panic("a tensor-parallel rank", || forward_rank(&self.ranks[r], &mut items, all_positions, Some(&group), r))
+                catch_panic("a tensor-parallel rank", || forward_rank(&self.ranks[r], &mut items, all_positions, Some(&group), r, self.bf16))
             });
             guard.finished = out.is_ok();
             out
@@ -131,8 +136,9 @@ fn forward_rank(
     all_positions: bool,
     group: Option<&ReduceGroup>,
     rank: usize,
+    bf16: Option<Bf16Numerics>,
 ) -> Result<Vec<f32>> {
-    let mut ops = CpuOps::new(items, all_positions, group.map(|g| g.link(rank)))?;
+    let mut ops = CpuOps::new(items, all_positions, group.map(|g| g.link(rank)), bf16)?;
     if ops.tokens() == 0 {
         return Ok(Vec::new());
     }
@@ -230,7 +236,7 @@ impl Backend for CpuBackend {
             .filter_map(|((_, caches), s)| caches.first_mut().map(|cache| SeqBatchItem { cache, tokens: s.tokens, start_pos: s.start_pos }))
             .collect();
         let model = self.ranks.first().ok_or_else(|| Error::Internal("a CPU backend without ranks".into()))?;
-        forward_rank(model, &mut items, all_positions, None, 0)
+        forward_rank(model, &mut items, all_positions, None, 0, self.bf16)
     }
 
     fn memory_stats(&self) -> MemoryStats {

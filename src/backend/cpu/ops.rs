@@ -3,7 +3,7 @@
 //! sequence against its own KV cache. Buffers of consumed activations are reused within the step.
 
 use super::cache::KvCache;
-use super::kernels::{self, AttnSeq, Proj};
+use super::kernels::{self, bf16, AttnSeq, Compute, Proj};
 use super::tp::RankLink;
 use crate::backend::check_token;
 use crate::error::{Error, Result};
@@ -52,9 +52,18 @@ pub struct Rotary {
     head_dim: usize,
 }
 
+/// transformers' bfloat16 forward (`compute_dtype="bfloat16"`): every op's output is rounded to
+/// bf16 where torch rounds it, and projections multiply in bf16 (`kernels::bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Numerics {
+    /// Gemma's RMSNorm scales by (1 + w) in f32 and rounds once; Llama's rounds, then scales.
+    pub norm_weight_in_f32: bool,
+}
+
 /// One step of one rank.
 pub struct CpuOps<'s, 'c> {
     seqs: &'s mut [SeqBatchItem<'c>],
+    bf16: Option<Bf16Numerics>,
     /// Row offset of each sequence's first new token, and the total.
     offsets: Vec<usize>,
     all_positions: bool,
@@ -64,7 +73,12 @@ pub struct CpuOps<'s, 'c> {
 
 impl<'s, 'c> CpuOps<'s, 'c> {
     /// Checks that every sequence fits its cache; `link` joins the step's other ranks.
-    pub fn new(seqs: &'s mut [SeqBatchItem<'c>], all_positions: bool, link: Option<RankLink<'s>>) -> Result<Self> {
+    pub fn new(
+        seqs: &'s mut [SeqBatchItem<'c>],
+        all_positions: bool,
+        link: Option<RankLink<'s>>,
+        bf16: Option<Bf16Numerics>,
+    ) -> Result<Self> {
         let mut offsets = Vec::with_capacity(seqs.len() + 1);
         offsets.push(0usize);
         for s in seqs.iter() {
@@ -77,7 +91,7 @@ impl<'s, 'c> CpuOps<'s, 'c> {
             }
             offsets.push(offsets[offsets.len() - 1] + s.tokens.len());
         }
-        Ok(CpuOps { seqs, offsets, all_positions, link, spare: Vec::new() })
+        Ok(CpuOps { seqs, bf16, offsets, all_positions, link, spare: Vec::new() })
     }
 
     pub fn tokens(&self) -> usize {
@@ -108,6 +122,22 @@ impl<'s, 'c> CpuOps<'s, 'c> {
     fn free(&mut self, a: CpuAct) {
         self.spare.push(a.buf);
     }
+
+    fn compute(&self) -> Compute {
+        if self.bf16.is_some() {
+            Compute::Bf16
+        } else {
+            Compute::F32
+        }
+    }
+
+    /// Rounds an op's output to bf16 under the bf16 numerics.
+    fn rounded(&self, mut x: CpuAct) -> CpuAct {
+        if self.bf16.is_some() {
+            bf16::round_all(x.m());
+        }
+        x
+    }
 }
 
 impl Ops for CpuOps<'_, '_> {
@@ -126,24 +156,39 @@ impl Ops for CpuOps<'_, '_> {
                 table.row_f32(id as usize, &mut x.m()[row * h..(row + 1) * h]);
             }
         }
-        Ok(x)
+        Ok(self.rounded(x))
     }
 
     fn rotary(&mut self, _index: usize, rope: &Rope) -> Result<Rotary> {
         // Dynamic NTK depends on the longest sequence in the call, as in transformers.
         let seq_len = self.seqs.iter().map(|s| s.start_pos + s.tokens.len()).max().unwrap_or(0);
         let positions: Vec<usize> = self.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.tokens.len()).collect();
-        let (cos, sin) = rope.tables(positions.into_iter(), seq_len);
+        let (mut cos, mut sin) = rope.tables(positions.into_iter(), seq_len);
+        if self.bf16.is_some() {
+            // transformers casts cos/sin to the activations' dtype before rotating.
+            bf16::round_all(&mut cos);
+            bf16::round_all(&mut sin);
+        }
         Ok(Rotary { cos, sin, head_dim: rope.head_dim() })
     }
 
     fn rms_norm(&mut self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
         let mut out = self.alloc(x.rows, w.len());
-        kernels::rms_norm(x.s(), w, eps, out.m());
+        match self.bf16 {
+            Some(b) => bf16::rms_norm(x.s(), w, eps, b.norm_weight_in_f32, out.m()),
+            None => kernels::rms_norm(x.s(), w, eps, out.m()),
+        }
         Ok(out)
     }
 
     fn head_rms_norm(&mut self, mut x: CpuAct, w: &Vec<f32>, eps: f32) -> Result<CpuAct> {
+        if let Some(b) = self.bf16 {
+            // Each head's head_dim values are one norm row.
+            let mut out = self.alloc(x.rows, x.width());
+            bf16::rms_norm(x.s(), w, eps, b.norm_weight_in_f32, out.m());
+            self.free(x);
+            return Ok(out);
+        }
         kernels::rms_norm_inplace(x.m(), w, eps);
         Ok(x)
     }
@@ -152,7 +197,11 @@ impl Ops for CpuOps<'_, '_> {
         let (hd, width) = (rot.head_dim, x.width());
         for t in 0..x.rows {
             let (c, s) = (&rot.cos[t * hd..(t + 1) * hd], &rot.sin[t * hd..(t + 1) * hd]);
-            kernels::rope_inplace(&mut x.m()[t * width..(t + 1) * width], heads, hd, c, s);
+            let row = &mut x.m()[t * width..(t + 1) * width];
+            match self.bf16 {
+                Some(_) => bf16::rope_inplace(row, heads, hd, c, s),
+                None => kernels::rope_inplace(row, heads, hd, c, s),
+            }
         }
         Ok(x)
     }
@@ -165,7 +214,7 @@ impl Ops for CpuOps<'_, '_> {
             .zip(outs.iter_mut())
             .map(|(p, o)| Proj { w: &p.w, bias: p.bias.as_deref(), out: o.m() })
             .collect();
-        kernels::linear_many(x.s(), x.rows, &mut projs);
+        kernels::linear_many_in(self.compute(), x.s(), x.rows, &mut projs);
         self.free(x);
         Ok(outs)
     }
@@ -182,7 +231,8 @@ impl Ops for CpuOps<'_, '_> {
             Activation::GeluTanh => kernels::Gate::GeluTanh,
             Activation::Silu => kernels::Gate::Silu,
         };
-        kernels::linear_gated(
+        kernels::linear_gated_in(
+            self.compute(),
             x.s(),
             x.rows,
             Proj { w: &gate.w, bias: gate.bias.as_deref(), out: g.m() },
@@ -229,29 +279,37 @@ impl Ops for CpuOps<'_, '_> {
         self.free(q);
         self.free(k);
         self.free(v);
-        Ok(out)
+        Ok(self.rounded(out))
     }
 
     fn all_reduce(&mut self, mut x: CpuAct) -> Result<CpuAct> {
         if let Some(link) = self.link.as_mut() {
             link.all_reduce(x.m())?;
+            return Ok(self.rounded(x));
         }
         Ok(x)
     }
 
     fn add(&mut self, x: &mut CpuAct, y: CpuAct) -> Result<()> {
         x.m().iter_mut().zip(y.s()).for_each(|(a, b)| *a += b);
+        if self.bf16.is_some() {
+            bf16::round_all(x.m());
+        }
         self.free(y);
         Ok(())
     }
 
     fn scale(&mut self, mut x: CpuAct, factor: f32) -> Result<CpuAct> {
         x.m().iter_mut().for_each(|v| *v *= factor);
-        Ok(x)
+        Ok(self.rounded(x))
     }
 
     fn softcap(&mut self, mut x: CpuAct, cap: f32) -> Result<CpuAct> {
-        x.m().iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        match self.bf16 {
+            // transformers: logits / cap, tanh, * cap, each a bf16 op.
+            Some(_) => x.m().iter_mut().for_each(|v| *v = bf16::round(bf16::round(bf16::round(*v / cap).tanh()) * cap)),
+            None => x.m().iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap),
+        }
         Ok(x)
     }
 

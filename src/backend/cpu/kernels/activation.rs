@@ -61,14 +61,25 @@ pub(super) fn gate_row(act: Gate, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// act(g) for one element without the gating product, with the polynomial exp for both
+/// activations (the bf16 numerics round the result, so libm's last bit does not matter there, and
+/// `bf16::gate_row`'s SIMD lanes compute the same operations).
+#[inline(always)]
+pub(super) fn act_one(act: Gate, g: f32) -> f32 {
+    match act {
+        Gate::Silu => g / (1.0 + exp_poly(-g)),
+        Gate::GeluTanh => gelu_tanh_mul_one(g, 1.0),
+    }
+}
+
 /// silu(g) * u for one element; shared with the fused gate/up linear so both give the same bits.
 #[inline(always)]
 pub(super) fn silu_mul_one(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const GELU_CUBIC: f32 = 0.044715;
+pub(super) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+pub(super) const GELU_CUBIC: f32 = 0.044715;
 
 /// gelu_tanh(x) * u, the scalar twin of `avx2::gelu_rows`' lanes (same operations, same order).
 #[inline(always)]

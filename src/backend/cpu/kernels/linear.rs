@@ -16,6 +16,9 @@ use crate::tensor::{quant_kernel_supports, Data, Matrix};
 const PAR_MIN_MACS: usize = 1 << 15;
 /// Bytes of x rows kept hot per tile (about half of a 1 MiB L2).
 const X_TILE_BYTES: usize = 256 * 1024;
+/// Weights above this size are cut into CHUNKS_PER_THREAD chunks per thread (dynamic balance).
+const BALANCED_BYTES: usize = 32 << 20;
+const CHUNKS_PER_THREAD: usize = 4;
 /// Weights up to this size are assumed to stay in cache between calls.
 const CACHED_BYTES: usize = 4 << 20;
 /// Software prefetch distances (bytes ahead in the weight stream): for n = 1 about one weight-row
@@ -38,7 +41,7 @@ pub(super) fn linear_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    linear_many_with(avx, x, n, &mut [Proj { w, bias, out }], None)
+    linear_many_with(avx, x, n, &mut [Proj { w, bias, out }], None, Compute::F32)
 }
 
 /// One projection of a [`linear_many`] call: out = x * w^T (+ bias), out is n x w.rows.
@@ -52,7 +55,27 @@ pub struct Proj<'a> {
 /// region: their rows are concatenated and cut across threads, saving a fork/join per matrix.
 /// Each output element is the same arithmetic as a separate [`linear`] call.
 pub fn linear_many(x: &[f32], n: usize, projs: &mut [Proj]) {
-    linear_many_with(use_avx2(), x, n, projs, None)
+    linear_many_in(Compute::F32, x, n, projs)
+}
+
+/// The arithmetic of a projection: f32 (bf16/f16 weights widened exactly, f32 activations), or
+/// transformers' bfloat16 forward (bf16 activations times bf16 weights, f32 accumulation, outputs
+/// rounded to bf16; `bf16.rs`). Weights that are not bf16 are computed in f32 and rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    F32,
+    Bf16,
+}
+
+/// [`linear_many`] with the given arithmetic.
+pub fn linear_many_in(compute: Compute, x: &[f32], n: usize, projs: &mut [Proj]) {
+    linear_many_with(use_avx2(), x, n, projs, None, compute)
+}
+
+/// [`linear_gated`] with the given arithmetic (bf16: gate and up rounded, then the activation,
+/// then the product).
+pub fn linear_gated_in(compute: Compute, x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate) {
+    linear_gated_with(use_avx2(), x, n, gate, up, act, compute)
 }
 
 /// out = act(x * gate^T + gate_bias) * (x * up^T + up_bias), as [`linear`] twice and then
@@ -60,17 +83,17 @@ pub fn linear_many(x: &[f32], n: usize, projs: &mut [Proj]) {
 /// columns it computed. `up.out` (n x up.w.rows) receives the up projection as scratch. Gate and
 /// up must have the same shape; otherwise, as for short buffers, nothing is written.
 pub fn linear_gated(x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate) {
-    linear_gated_with(use_avx2(), x, n, gate, up, act)
+    linear_gated_with(use_avx2(), x, n, gate, up, act, Compute::F32)
 }
 
-pub(super) fn linear_gated_with(avx: bool, x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate) {
+pub(super) fn linear_gated_with(avx: bool, x: &[f32], n: usize, gate: Proj, up: Proj, act: Gate, compute: Compute) {
     // Both halves must pair column for column, or gating cannot be done per chunk.
     if gate.w.rows != up.w.rows || gate.out.len() < n * gate.w.rows || up.out.len() < n * up.w.rows {
         return;
     }
     let inter = gate.w.rows;
     let mut projs = [gate, up];
-    linear_many_with(avx, x, n, &mut projs, Some((inter, act)));
+    linear_many_with(avx, x, n, &mut projs, Some((inter, act)), compute);
 }
 
 /// Matrix-type-erased view of one projection for the chunk workers.
@@ -81,7 +104,7 @@ struct Job<'a> {
     out: SendPtr,
 }
 
-fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: Option<(usize, Gate)>) {
+fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: Option<(usize, Gate)>, compute: Compute) {
     if n == 0 {
         return;
     }
@@ -121,10 +144,14 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     let threads = rayon::current_num_threads().max(1);
     // Gated: chunks cut gate's columns, each chunk also does the same columns of up.
     let span = gated.map_or(total, |(inter, _)| inter);
+    // Large weights (Gemma's 178 MB lm_head) go in several chunks per thread, claimed as threads
+    // free up, so a thread that started late does not set the pace of the whole call.
+    let weight_bytes: usize = jobs.iter().map(|j| j.w.byte_len()).sum();
+    let per_thread = if weight_bytes > BALANCED_BYTES { CHUNKS_PER_THREAD } else { 1 };
     let chunks = if n * total * cols < PAR_MIN_MACS {
         1
     } else {
-        threads.min(span.div_ceil(4))
+        (threads * per_thread).min(span.div_ceil(4))
     };
     // Chunk sizes are multiples of 4 so weight-row groups stay whole (speed only, not results).
     let per = span.div_ceil(chunks).div_ceil(4) * 4;
@@ -132,7 +159,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     #[cfg(target_arch = "x86_64")]
     let mut xperm = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    let xp: &[f32] = if avx && jobs.iter().any(|j| matches!(j.w.data, Data::BF16(_))) {
+    let xp: &[f32] = if avx && compute == Compute::F32 && jobs.iter().any(|j| matches!(j.w.data, Data::BF16(_))) {
         super::dot::permute_x_bf16(&x[..n * cols], cols, &mut xperm);
         &xperm[..]
     } else {
@@ -143,6 +170,9 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     // Quantized weights: x quantized once per call, shared by every chunk and projection.
     let qx = if jobs.iter().any(|j| j.w.data.is_quantized()) { Some(quant::quantize_acts(x, n, cols)) } else { None };
     let qx = qx.as_ref();
+    // bf16 arithmetic: x as bf16 bits once per call.
+    let xb = (compute == Compute::Bf16).then(|| super::bf16::pack(&x[..n * cols]));
+    let xb = xb.as_deref();
     let jobs = &jobs[..];
     let run = |c: usize| {
         let g0 = c * per;
@@ -153,7 +183,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
         if let Some((inter, act)) = gated {
             for j in jobs {
                 // SAFETY: buffers checked above; chunks cover disjoint columns [g0, g1).
-                unsafe { chunk_dyn(avx, x, xp, qx, n, j, g0, g1) }
+                unsafe { chunk_in(xb, avx, x, xp, qx, n, j, g0, g1) }
             }
             let (g, u) = (jobs[0].out.get(), jobs[1].out.get());
             for r in 0..n {
@@ -165,7 +195,11 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
                         std::slice::from_raw_parts(u.add(r * inter + g0), g1 - g0),
                     )
                 };
-                gate_row(act, gr, ur);
+                if xb.is_some() {
+                    super::bf16::gate_row(act, gr, ur);
+                } else {
+                    gate_row(act, gr, ur);
+                }
             }
             return;
         }
@@ -176,7 +210,7 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
             let (o0, o1) = (g0.max(base), g1.min(base + rows));
             if o0 < o1 {
                 // SAFETY: buffers checked above; chunks cover disjoint output columns.
-                unsafe { chunk_dyn(avx, x, xp, qx, n, j, o0 - base, o1 - base) }
+                unsafe { chunk_in(xb, avx, x, xp, qx, n, j, o0 - base, o1 - base) }
             }
             base += rows;
         }
@@ -185,6 +219,26 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
         run(0)
     } else {
         super::team::run(chunks, &run);
+    }
+}
+
+/// `chunk_dyn`, or with `xb` (x as bf16 bits) the bf16 arithmetic, outputs rounded to bf16.
+///
+/// SAFETY: as for `chunk`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_in(xb: Option<&[u16]>, avx: bool, x: &[f32], xp: &[f32], qx: Option<&QActs>, n: usize, j: &Job, o0: usize, o1: usize) {
+    let Some(xb) = xb else {
+        return chunk_dyn(avx, x, xp, qx, n, j, o0, o1);
+    };
+    let (rows, cols, out) = (j.w.rows, j.w.cols, j.out.get());
+    match &j.w.data {
+        Data::BF16(b) => super::bf16::chunk(xb, n, super::bf16::weight_bits(b), rows, cols, o0, o1, j.bias, out),
+        _ => chunk_dyn(avx, x, xp, qx, n, j, o0, o1),
+    }
+    for r in 0..n {
+        // SAFETY: row r's columns [o0, o1) belong to this chunk.
+        super::bf16::round_all(std::slice::from_raw_parts_mut(out.add(r * rows + o0), o1 - o0));
     }
 }
 
@@ -576,6 +630,7 @@ mod tests {
                             Proj { w: &v, bias: None, out: &mut c },
                         ],
                         None,
+                        Compute::F32,
                     );
                     for (got, want) in [&a, &b, &c].into_iter().zip(&sep) {
                         assert!(got.iter().zip(want).all(|(p, q)| p.to_bits() == q.to_bits()), "avx={avx} dt={dt} n={n}");
@@ -601,6 +656,7 @@ mod tests {
                             Proj { w: &g, bias: None, out: &mut got },
                             Proj { w: &u, bias: Some(&bu), out: &mut scratch },
                             act,
+                            Compute::F32,
                         );
                         assert!(got.iter().zip(want).all(|(p, q)| p.to_bits() == q.to_bits()), "gated {act:?} avx={avx} dt={dt} n={n}");
                     }

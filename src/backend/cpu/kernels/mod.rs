@@ -8,6 +8,7 @@
 
 mod activation;
 mod attention;
+pub mod bf16;
 mod dot;
 mod exp;
 mod linear;
@@ -22,7 +23,7 @@ pub(crate) use team::mark_rank_pool_thread;
 
 pub use activation::{gelu_tanh_mul, silu_mul, Gate};
 pub use attention::{attention, attention_capped, AttnSeq};
-pub use linear::{linear, linear_gated, linear_many, Proj};
+pub use linear::{linear, linear_gated, linear_gated_in, linear_many, linear_many_in, Compute, Proj};
 pub use norm::{rms_norm, rms_norm_inplace};
 pub use rope::rope_inplace;
 
