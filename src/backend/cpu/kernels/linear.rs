@@ -16,9 +16,6 @@ use crate::tensor::{quant_kernel_supports, Data, Matrix};
 const PAR_MIN_MACS: usize = 1 << 15;
 /// Bytes of x rows kept hot per tile (about half of a 1 MiB L2).
 const X_TILE_BYTES: usize = 256 * 1024;
-/// Weights above this size are cut into CHUNKS_PER_THREAD chunks per thread (dynamic balance).
-const BALANCED_BYTES: usize = 32 << 20;
-const CHUNKS_PER_THREAD: usize = 4;
 /// Weights up to this size are assumed to stay in cache between calls.
 const CACHED_BYTES: usize = 4 << 20;
 /// Software prefetch distances (bytes ahead in the weight stream): for n = 1 about one weight-row
@@ -144,14 +141,10 @@ fn linear_many_with(avx: bool, x: &[f32], n: usize, projs: &mut [Proj], gated: O
     let threads = rayon::current_num_threads().max(1);
     // Gated: chunks cut gate's columns, each chunk also does the same columns of up.
     let span = gated.map_or(total, |(inter, _)| inter);
-    // Large weights (Gemma's 178 MB lm_head) go in several chunks per thread, claimed as threads
-    // free up, so a thread that started late does not set the pace of the whole call.
-    let weight_bytes: usize = jobs.iter().map(|j| j.w.byte_len()).sum();
-    let per_thread = if weight_bytes > BALANCED_BYTES { CHUNKS_PER_THREAD } else { 1 };
     let chunks = if n * total * cols < PAR_MIN_MACS {
         1
     } else {
-        (threads * per_thread).min(span.div_ceil(4))
+        threads.min(span.div_ceil(4))
     };
     // Chunk sizes are multiples of 4 so weight-row groups stay whole (speed only, not results).
     let per = span.div_ceil(chunks).div_ceil(4) * 4;
