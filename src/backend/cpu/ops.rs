@@ -274,7 +274,8 @@ impl Ops for CpuOps<'_, '_> {
                     out: o,
                 });
             }
-            kernels::attention_capped(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, spec.scale_or_default(), spec.softcap);
+            let compute = self.compute();
+            kernels::attention_capped(&mut jobs, spec.heads, spec.kv_heads, hd, spec.window, spec.scale_or_default(), spec.softcap, compute);
         }
         self.free(q);
         self.free(k);

@@ -49,6 +49,9 @@ struct Shape {
     window: Option<usize>,
     scale: f32,
     softcap: Option<f32>,
+    /// bf16 numerics: the softmax's exponential is `exp.rs`' polynomial (8 lanes at a time,
+    /// ~2 ulp; the bf16 scores carry far more error); else libm's, as the f32 parity needs.
+    poly_exp: bool,
 }
 
 /// Token t (position p = start_pos + t) of head h attends to positions j with j <= p and, when
@@ -72,11 +75,13 @@ pub fn attention(
         window,
         scale,
         None,
+        false,
     )
 }
 
 /// [`attention`] with optional logit softcapping (Gemma 2): scores s = q.k * scale become
 /// tanh(s / cap) * cap before the softmax. Capped calls take the scalar path (one place to cap).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_capped(
     seqs: &mut [AttnSeq],
     n_heads: usize,
@@ -85,8 +90,10 @@ pub fn attention_capped(
     window: Option<usize>,
     scale: f32,
     softcap: Option<f32>,
+    compute: super::Compute,
 ) {
-    attention_with(use_avx2() && softcap.is_none(), seqs, n_heads, n_kv_heads, head_dim, window, scale, softcap)
+    let poly_exp = compute == super::Compute::Bf16;
+    attention_with(use_avx2() && softcap.is_none(), seqs, n_heads, n_kv_heads, head_dim, window, scale, softcap, poly_exp)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -99,6 +106,7 @@ pub(super) fn attention_with(
     window: Option<usize>,
     scale: f32,
     softcap: Option<f32>,
+    poly_exp: bool,
 ) {
     if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 {
         return;
@@ -111,6 +119,7 @@ pub(super) fn attention_with(
         window,
         scale,
         softcap,
+        poly_exp,
     };
     let mut macs = 0usize;
     let mut jobs: Vec<Job> = Vec::with_capacity(seqs.len());
@@ -198,7 +207,7 @@ unsafe fn head(
         if let Some(cap) = sh.softcap {
             p.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
         }
-        softmax(&mut p);
+        softmax(&mut p, sh.poly_exp);
         o.fill(0.0);
         for (j, &pj) in (lo..hi).zip(&p) {
             for (oi, &vi) in o.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
@@ -217,14 +226,20 @@ fn span(p: usize, window: Option<usize>) -> (usize, usize) {
 
 /// In-place f32 softmax, max-subtracted, probabilities as e_j / sum (as torch.softmax).
 /// (The vector exponential of `exp.rs` with an 8-lane sum was tried here: ~2 ulp per score moved
-/// beam scores and softcapped Gemma 2 logits just past the parity tests' 1e-4.)
+/// beam scores and softcapped Gemma 2 logits just past the parity tests' 1e-4; it serves the bf16
+/// numerics only, `poly_exp`, with the sequential sum.)
 #[inline]
-fn softmax(s: &mut [f32]) {
+fn softmax(s: &mut [f32], poly_exp: bool) {
     let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
+    if poly_exp {
+        super::exp::exp_shifted(s, m);
+        s.iter().for_each(|x| sum += x);
+    } else {
+        for x in s.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
     }
     for x in s.iter_mut() {
         *x /= sum;
@@ -278,7 +293,7 @@ mod avx2 {
                         * sh.scale;
                 j += 1;
             }
-            softmax(&mut p);
+            softmax(&mut p, sh.poly_exp);
             std::slice::from_raw_parts_mut(o, hd).fill(0.0);
             for (j, &pj) in (lo..hi).zip(&p) {
                 axpy(o, pj, vb.add(j * hd), hd);
@@ -349,7 +364,7 @@ mod avx512 {
                 j += 1;
             }
             for (r, &(a, b)) in spans.iter().enumerate() {
-                softmax(&mut scores[r * len + a - lo..r * len + b - lo]);
+                softmax(&mut scores[r * len + a - lo..r * len + b - lo], sh.poly_exp);
             }
             let outs: [*mut f32; G] = std::array::from_fn(|r| out.add(((t0 + r) * sh.n_heads + h) * hd));
             weighted_sum(&scores, len, lo, hi, &spans, vb, hd, outs);
@@ -477,6 +492,7 @@ mod tests {
         hd: usize,
         window: Option<usize>,
         scale: f32,
+        poly_exp: bool,
     ) -> Vec<Vec<f32>> {
         let mut outs: Vec<Vec<f32>> = cases
             .iter()
@@ -495,21 +511,26 @@ mod tests {
                 out: o,
             })
             .collect();
-        attention_with(avx, &mut seqs, NH, NKV, hd, window, scale, None);
+        attention_with(avx, &mut seqs, NH, NKV, hd, window, scale, None, poly_exp);
         drop(seqs);
         outs
     }
 
 
+    /// Every SIMD path with libm's exponential (f32 numerics) and the polynomial one (bf16).
+    fn paths_and_exps() -> Vec<(bool, bool)> {
+        super::super::test_paths().into_iter().flat_map(|a| [(a, false), (a, true)]).collect()
+    }
+
     #[test]
     fn attention_matches_reference() {
-        for &avx in &super::super::test_paths() {
+        for (avx, poly) in paths_and_exps() {
             for &hd in &[8usize, 33, 64] {
                 for &(start, n_tok) in &[(0usize, 1usize), (0, 7), (5, 3), (17, 1), (40, 30)] {
                     for window in [None, Some(1), Some(4), Some(16)] {
                         let c = case(hd, start + n_tok + 3, start, n_tok, (hd + start) as u64);
                         let scale = 1.0 / (hd as f32).sqrt();
-                        let got = &run(avx, &[&c], hd, window, scale)[0];
+                        let got = &run(avx, &[&c], hd, window, scale, poly)[0];
                         let want = naive(&c, hd, window, scale as f64);
                         for i in 0..got.len() {
                             let err = (got[i] as f64 - want[i]).abs();
@@ -530,11 +551,11 @@ mod tests {
     /// per token (decode) and as a prompt split anywhere (a prefill resumed mid-prompt).
     #[test]
     fn a_prompt_equals_its_tokens_one_by_one() {
-        for &avx in &super::super::test_paths() {
+        for (avx, poly) in paths_and_exps() {
             for &hd in &[33usize, 64, 256] {
                 for window in [None, Some(5)] {
                     let c = case(hd, 40, 3, 13, hd as u64);
-                    let all = &run(avx, &[&c], hd, window, 0.125)[0];
+                    let all = &run(avx, &[&c], hd, window, 0.125, poly)[0];
                     for split in [1usize, 6] {
                         let mut pieces = Vec::new();
                         let mut t = 0;
@@ -548,12 +569,12 @@ mod tests {
                                 start: c.start + t,
                                 n_tok: n,
                             };
-                            pieces.extend(run(avx, &[&piece], hd, window, 0.125).remove(0));
+                            pieces.extend(run(avx, &[&piece], hd, window, 0.125, poly).remove(0));
                             t += n;
                         }
                         assert!(
                             all.iter().zip(&pieces).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "avx={avx} hd={hd} window={window:?} split={split}"
+                            "avx={avx} poly={poly} hd={hd} window={window:?} split={split}"
                         );
                     }
                 }
@@ -563,19 +584,19 @@ mod tests {
 
     #[test]
     fn attention_is_batch_invariant() {
-        for &avx in &super::super::test_paths() {
+        for (avx, poly) in paths_and_exps() {
             for window in [None, Some(5)] {
                 let hd = 64;
                 let a = case(hd, 200, 150, 1, 1);
                 let b = case(hd, 64, 0, 40, 2);
                 let c = case(hd, 300, 100, 30, 3);
-                let alone = run(avx, &[&a], hd, window, 0.125);
-                let together = run(avx, &[&b, &a, &c], hd, window, 0.125);
+                let alone = run(avx, &[&a], hd, window, 0.125, poly);
+                let together = run(avx, &[&b, &a, &c], hd, window, 0.125, poly);
                 assert_eq!(
                     alone[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                     together[1].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
                 );
-                let c_alone = run(avx, &[&c], hd, window, 0.125);
+                let c_alone = run(avx, &[&c], hd, window, 0.125, poly);
                 assert_eq!(
                     c_alone[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                     together[2].iter().map(|x| x.to_bits()).collect::<Vec<_>>()

@@ -25,6 +25,17 @@ pub(super) fn exp_poly(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// s[i] = exp(s[i] - m), 8 lanes at a time where the CPU has AVX2 (the same bits as the tail).
+pub(super) fn exp_shifted(s: &mut [f32], m: f32) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx2() {
+        // SAFETY: AVX2+FMA present; the kernel stays within the slice.
+        i = unsafe { avx2::exp_shifted_rows(s, m) };
+    }
+    s[i..].iter_mut().for_each(|x| *x = exp_poly(*x - m));
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx2::exp8;
 
@@ -33,6 +44,21 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2E};
+
+    /// Whole groups of 8 of `super::exp_shifted`; returns how many it did.
+    ///
+    /// SAFETY: the CPU must support avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted_rows(s: &mut [f32], m: f32) -> usize {
+        let len = s.len() / 8 * 8;
+        let p = s.as_mut_ptr();
+        let mut i = 0;
+        while i < len {
+            _mm256_storeu_ps(p.add(i), exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), _mm256_set1_ps(m))));
+            i += 8;
+        }
+        len
+    }
 
     /// `super::exp_poly` on 8 lanes (the same operations). Must be inlined into an avx2+fma function.
     #[inline(always)]
