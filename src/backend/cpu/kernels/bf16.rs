@@ -618,20 +618,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bf16_bench() {
-        #[repr(C)]
-        struct Ts {
-            s: i64,
-            ns: i64,
-        }
-        extern "C" {
-            fn clock_gettime(clk: i32, tp: *mut Ts) -> i32;
-        }
-        fn cpu_now() -> f64 {
-            let mut t = Ts { s: 0, ns: 0 };
-            // SAFETY: valid out pointer; 3 = CLOCK_THREAD_CPUTIME_ID on Linux.
-            unsafe { clock_gettime(3, &mut t) };
-            t.s as f64 + t.ns as f64 * 1e-9
-        }
+        use super::super::thread_cpu_seconds as cpu_now;
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         pool.install(|| {
             for &n in &[1usize, 8, 64] {

@@ -97,6 +97,24 @@ impl SendPtr {
     }
 }
 
+/// The calling thread's CPU time in seconds (kernel benchmarks: other load on the machine
+/// matters less than with wall time).
+#[cfg(test)]
+pub(crate) fn thread_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Ts {
+        s: i64,
+        ns: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clk: i32, tp: *mut Ts) -> i32;
+    }
+    let mut t = Ts { s: 0, ns: 0 };
+    // SAFETY: valid out pointer; 3 = CLOCK_THREAD_CPUTIME_ID on Linux.
+    unsafe { clock_gettime(3, &mut t) };
+    t.s as f64 + t.ns as f64 * 1e-9
+}
+
 /// The SIMD choices a test can exercise on this CPU: scalar always, AVX2 when present.
 #[cfg(test)]
 pub(crate) fn test_paths() -> Vec<bool> {
