@@ -89,8 +89,8 @@ pub(super) fn dot_reference(x: &[u16], w: &[u16]) -> f32 {
 
 /// Weight bits of a bf16 matrix.
 pub(super) fn weight_bits(w: &[bf16]) -> &[u16] {
-    // SAFETY: bf16 is a transparent wrapper around u16.
-    unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) }
+    use half::slice::HalfFloatSliceExt;
+    w.reinterpret_cast()
 }
 
 /// Output columns [o0, o1) for all n rows of x (n x cols bf16 bits): out[r*rows + o] =
@@ -126,17 +126,14 @@ pub(super) unsafe fn chunk(
 /// (Llama, Qwen, Mistral) rounded to bf16 and scaled by the bf16 weight with the product rounded,
 /// or (Gemma, `weight_in_f32`) scaled by (1 + w) in f32 and rounded once.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, weight_in_f32: bool, out: &mut [f32]) {
-    if weight_in_f32 {
-        super::rms_norm(x, w, eps, out);
-        round_all(out);
+    let d = w.len();
+    if d == 0 {
         return;
     }
-    let ones = vec![1.0f32; w.len()];
-    super::rms_norm(x, &ones, eps, out);
-    let d = w.len().max(1);
-    for row in out.chunks_exact_mut(d) {
-        for (v, &g) in row.iter_mut().zip(w) {
-            *v = round(g * round(*v));
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let inv = super::norm::inv_rms(xr, eps);
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = if weight_in_f32 { round(g * (v * inv)) } else { round(g * round(v * inv)) };
         }
     }
 }

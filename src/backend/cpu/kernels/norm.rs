@@ -32,7 +32,7 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
 /// 1 / sqrt(mean(x^2) + eps). The sum of squares is accumulated in f64 (8 fixed partial sums,
 /// vectorizable) so the f32 mean is essentially correctly rounded, like torch's careful reduction.
 #[inline]
-fn inv_rms(x: &[f32], eps: f32) -> f32 {
+pub(super) fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let mut acc = [0f64; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
